@@ -1,0 +1,43 @@
+# Two commands for users: `make run` (the demo) and `make test` (the suite).
+# Both install what they need; a second run only checks stamps.
+SYSTEM_PYTHON ?= /usr/bin/python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEB_STAMP := $(VENV)/.debian
+
+.PHONY: run test setup lint train bench clean
+
+setup: $(DEB_STAMP) $(STAMP)
+
+$(DEB_STAMP): scripts/install-debian.sh
+	./scripts/install-debian.sh
+	@mkdir -p $(VENV) && touch $@
+
+# The venv must use Debian's python3.11: orthanc-python embeds that
+# interpreter and loads our packages from this site-packages folder.
+$(STAMP): requirements.lock pyproject.toml $(DEB_STAMP)
+	test -x $(PY) || $(SYSTEM_PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+run: setup
+	$(VENV)/bin/orthanc-ai demo --data data/demo --http-port 8042 --dicom-port 4242 $(ARGS)
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+train: setup
+	$(PY) -m inference.training.train_limb_fracture --out models/limb-fracture-xr
+
+bench: setup
+	$(PY) -m bench.run_all
+
+clean:
+	rm -rf data build .pytest_cache
