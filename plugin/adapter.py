@@ -1,0 +1,126 @@
+"""The only module besides the entry script that talks to the ``orthanc`` module.
+
+It reads the configuration, registers the callbacks and REST routes, and
+starts the service's worker threads once Orthanc's HTTP server is up
+(``ORTHANC_STARTED``), since workers reach Orthanc over loopback HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import orthanc
+from inference.backend import InProcessBackend
+from inference.registry import Registry
+
+from .config import parse_ai_section
+from .jobs import SqliteJobStore
+from .orthanc_http import OrthancClient
+from .routes import Api
+from .service import Service
+
+log = logging.getLogger("orthanc_ai")
+_service: Service | None = None
+
+
+class _OrthancLogHandler(logging.Handler):
+    """Send our log records to Orthanc's log.
+
+    ``logging.basicConfig()`` would silently do nothing inside Orthanc once
+    another plugin configured logging, so we attach our own handler.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = self.format(record)
+            if record.levelno >= logging.ERROR:
+                orthanc.LogError(message)
+            elif record.levelno >= logging.WARNING:
+                orthanc.LogWarning(message)
+            else:
+                orthanc.LogInfo(message)
+        except Exception:  # logging must never raise into Orthanc
+            pass
+
+
+def _on_stored_instance(dicom: Any, instance_id: str) -> None:
+    # Runs inside Orthanc's ingest path: enqueue and return, never raise.
+    try:
+        if _service is not None:
+            _service.enqueue(instance_id)
+    except Exception:
+        pass
+
+
+def _on_change(change_type: int, level: int, resource_id: str) -> None:
+    try:
+        if _service is None:
+            return
+        if change_type == orthanc.ChangeType.ORTHANC_STARTED:
+            _service.start()
+        elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
+            _service.stop()
+    except Exception:
+        log.exception("orthanc-ai: change callback failed")
+
+
+def _rest_handler(method: str, handler: Any):
+    def callback(output: Any, uri: str, **request: Any) -> None:
+        if request.get("method") != method:
+            output.SendMethodNotAllowed(method)
+            return
+        try:
+            status, content_type, body = handler(request.get("get", {}) or {},
+                                                 *request.get("groups", ()))
+        except Exception as exc:
+            log.exception("orthanc-ai: REST %s failed", uri)
+            status, content_type = 500, "application/json"
+            body = json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode()
+        if status == 200:
+            output.AnswerBuffer(body, content_type)
+        else:
+            output.SendHttpStatus(status, body)
+
+    return callback
+
+
+def install() -> None:
+    """Called once by the entry script while Orthanc loads plugins."""
+    global _service
+    handler = _OrthancLogHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+    config = json.loads(orthanc.GetConfiguration())
+    # A wrong AI section raises here: the plugin fails to load, loudly.
+    ai = parse_ai_section(config.get("AI"))
+    if not ai.enabled:
+        log.warning("orthanc-ai: disabled by AI.Enabled = false")
+        return
+    storage = Path(config.get("StorageDirectory", "OrthancStorage")).resolve()
+    store = SqliteJobStore(ai.queue_database or storage / "orthanc-ai" / "jobs.sqlite")
+    scheme = "https" if config.get("SslEnabled") else "http"
+    client = OrthancClient(
+        f"{scheme}://127.0.0.1:{int(config.get('HttpPort', 8042))}",
+        orthanc.GenerateRestApiAuthorizationToken(),
+        timeout=ai.http_timeout_seconds,
+    )
+    registry = Registry.scan(ai.models_directory)
+    for folder, error in registry.errors.items():
+        log.error("orthanc-ai: model folder %s not used: %s", folder, error)
+    backend = InProcessBackend(intra_op_threads=ai.tensorflow_threads)
+    _service = Service(ai, store, client, registry, backend)
+
+    orthanc.RegisterOnStoredInstanceCallback(_on_stored_instance)
+    orthanc.RegisterOnChangeCallback(_on_change)
+    for pattern, method, fn in Api(_service).routes():
+        orthanc.RegisterRestCallback(pattern, _rest_handler(method, fn))
+    log.warning(
+        "orthanc-ai: %d model(s) %s, queue %s", len(registry.cards),
+        sorted(registry.cards), store.path,
+    )

@@ -1,0 +1,260 @@
+"""``orthanc-ai``: run Orthanc with the plugin, or run the demo.
+
+    orthanc-ai serve --data DIR --http-port P --dicom-port Q [--config FILE]
+    orthanc-ai demo  --data DIR --http-port P --dicom-port Q [--exit]
+    orthanc-ai check-config [--config FILE]
+    orthanc-ai validate-model FOLDER
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import PROJECT_ROOT, ConfigError, load_orthanc_json, parse_ai_section
+
+ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+PLUGIN_DIR = Path("/usr/share/orthanc/plugins")
+PLUGINS = ("libOrthancPython.so", "libOrthancDicomWeb.so")
+STORESCU = "/usr/bin/storescu"  # dcmtk's, not pynetdicom's script of the same name
+
+
+def orthanc_config(base: dict[str, Any], data: Path, http_port: int, dicom_port: int) -> dict:
+    """The configuration `serve` runs: the user's, with our paths and ports."""
+    config = dict(base)
+    storage = data / "orthanc-db"
+    config.update(
+        {
+            "StorageDirectory": str(storage),
+            "IndexDirectory": str(storage),
+            "HttpPort": http_port,
+            "DicomPort": dicom_port,
+            "RemoteAccessAllowed": False,
+            "Plugins": [str(PLUGIN_DIR / p) for p in PLUGINS if (PLUGIN_DIR / p).exists()],
+            "PythonScript": str(PROJECT_ROOT / "plugin" / "entry.py"),
+        }
+    )
+    config.setdefault("DicomWeb", {"Enable": True, "Root": "/dicom-web/"})
+    return config
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """Validate, write DIR/orthanc.json, return Orthanc's command line and environment."""
+    base = load_orthanc_json(Path(args.config))
+    parse_ai_section(base.get("AI"))  # fail before Orthanc starts, naming the key
+    for name, port in (("--http-port", args.http_port), ("--dicom-port", args.dicom_port)):
+        if not _port_free(port):
+            raise ConfigError(
+                f"{name} {port} is already in use (another Orthanc? "
+                "the Debian service can be stopped with `service orthanc stop`)"
+            )
+    data = Path(args.data).resolve()
+    data.mkdir(parents=True, exist_ok=True)
+    config = orthanc_config(base, data, args.http_port, args.dicom_port)
+    path = data / "orthanc.json"
+    path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+    env = dict(os.environ)
+    env["ORTHANC_AI_SITE_PACKAGES"] = sysconfig.get_paths()["purelib"]
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return [ORTHANC, str(path)], env
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    argv, env = prepare(args)
+    # exec: Orthanc becomes this process, so SIGTERM reaches it directly and
+    # it stops cleanly (closing its database and our job store).
+    os.execve(argv[0], argv, env)
+    return 0  # not reached
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    parse_ai_section(load_orthanc_json(Path(args.config)).get("AI"))
+    print(f"{args.config}: AI section is valid")
+    return 0
+
+
+def cmd_validate_model(args: argparse.Namespace) -> int:
+    from inference.backend import InProcessBackend
+    from inference.card import ModelCard
+
+    card = ModelCard.from_folder(Path(args.folder))
+    InProcessBackend().load(card)
+    print(f"{card.id} {card.version}: card and weights are valid")
+    return 0
+
+
+def _get(url: str, timeout: float = 5.0) -> Any:
+    import requests
+
+    r = requests.get(url, timeout=timeout)
+    r.raise_for_status()
+    return r.json()
+
+
+def wait_for_orthanc(base_url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"Orthanc exited with code {proc.returncode}")
+        try:
+            models = _get(f"{base_url}/ai/models")
+            if models is not None:
+                return
+        except Exception:
+            time.sleep(0.5)
+    raise RuntimeError(f"Orthanc did not answer on {base_url} within {timeout:.0f} s")
+
+
+def wait_for_jobs(base_url: str, instance_ids: list[str], timeout: float) -> list[dict]:
+    """Wait until every instance has jobs and none is queued or running."""
+    deadline = time.time() + timeout
+    while True:
+        jobs = _get(f"{base_url}/ai/jobs?limit=10000")
+        by_instance = {j["instance"] for j in jobs}
+        busy = [j for j in jobs if j["state"] in ("queued", "running")
+                or (j["state"] == "failed" and j.get("next_attempt"))]
+        if set(instance_ids) <= by_instance and not busy:
+            return jobs
+        if time.time() > deadline:
+            raise RuntimeError("timed out waiting for AI results")
+        time.sleep(0.5)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from inference.synthetic.dx import write_demo_studies
+
+    argv, env = prepare(args)
+    data = Path(args.data).resolve()
+    log_path = data / "orthanc.log"
+    base_url = f"http://127.0.0.1:{args.http_port}"
+    print(f"Starting Orthanc with orthanc-ai on {base_url} (DICOM port {args.dicom_port});"
+          f" log: {log_path}")
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(argv, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        wait_for_orthanc(base_url, proc)
+        files = write_demo_studies(data / "demo-dicom", n_patients=args.patients, seed=args.seed)
+        print(f"Sending {len(files)} synthetic DX images over C-STORE (storescu) ...")
+        subprocess.run(
+            [STORESCU, "-aet", "DEMO_MODALITY", "-aec", "ORTHANC", "127.0.0.1",
+             str(args.dicom_port), *map(str, files)],
+            check=True,
+        )
+        import pydicom
+
+        uids = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+        lookup = [
+            _post(f"{base_url}/tools/lookup", uid) for uid in sorted(uids)
+        ]
+        instance_ids = [r[0]["ID"] for r in lookup if r]
+        jobs = wait_for_jobs(base_url, instance_ids, timeout=args.timeout)
+        print_table(base_url, [j for j in jobs if j["instance"] in instance_ids])
+        if args.exit:
+            return 0
+        print(f"\nOrthanc keeps serving on {base_url} (Orthanc Explorer: "
+              f"{base_url}/app/explorer.html). Ctrl-C stops it.")
+        proc.wait()
+        return proc.returncode or 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _post(url: str, body: str) -> Any:
+    import requests
+
+    r = requests.post(url, data=body, timeout=10)
+    r.raise_for_status()
+    return r.json()
+
+
+def print_table(base_url: str, jobs: list[dict]) -> None:
+    rows = []
+    for job in jobs:
+        study = _get(f"{base_url}/instances/{job['instance']}/study")
+        patient = study.get("PatientMainDicomTags", {})
+        result = job.get("result") or {}
+        finding = result.get("finding", "")
+        if result:
+            finding = f"{finding} {'PRESENT' if result.get('positive') else 'absent'}"
+        rows.append(
+            (
+                f"{patient.get('PatientName', '')} ({patient.get('PatientID', '')})",
+                study["MainDicomTags"].get("StudyDescription", "") or study["ID"][:8],
+                job["state"] if job["state"] != "done" else finding,
+                f"{result['probability']:.3f}" if "probability" in result else "",
+                result.get("sr_sop_instance_uid", job.get("reason") or ""),
+                f"{base_url}/app/explorer.html#study?uuid={study['ID']}",
+            )
+        )
+    header = ("Patient", "Study", "Finding", "Probability", "SR SOP Instance UID", "Orthanc Explorer")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for line in [header, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(line, widths, strict=True)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="orthanc-ai", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    default_config = str(PROJECT_ROOT / "orthanc.json")
+    for name in ("serve", "demo"):
+        p = sub.add_parser(name)
+        p.add_argument("--data", required=True, help="folder for all state (created)")
+        p.add_argument("--http-port", type=int, default=8042)
+        p.add_argument("--dicom-port", type=int, default=4242)
+        p.add_argument("--config", default=default_config, help="base Orthanc configuration")
+    demo = sub.choices["demo"]
+    demo.add_argument("--exit", action="store_true", help="exit after printing the results")
+    demo.add_argument("--patients", type=int, default=4)
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--timeout", type=float, default=600)
+    check = sub.add_parser("check-config")
+    check.add_argument("--config", default=default_config)
+    validate = sub.add_parser("validate-model")
+    validate.add_argument("folder")
+    args = parser.parse_args(argv)
+    handlers = {"serve": cmd_serve, "demo": cmd_demo, "check-config": cmd_check_config,
+                "validate-model": cmd_validate_model}
+    try:
+        return handlers[args.command](args)
+    except ConfigError as exc:
+        print(f"orthanc-ai: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from inference.card import CardError
+
+        if isinstance(exc, CardError):
+            print(f"orthanc-ai: model error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

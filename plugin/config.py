@@ -1,0 +1,114 @@
+"""The ``AI`` section of orthanc.json, parsed once at start-up into a frozen dataclass.
+
+Unknown keys and wrong types fail loudly, naming the key, so that a typo
+in a hospital's configuration does not silently switch a feature off.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """The AI configuration is wrong; the message names the key."""
+
+
+@dataclass(frozen=True)
+class AIConfig:
+    enabled: bool = True
+    models_directory: Path = PROJECT_ROOT / "models"
+    workers: int = 1
+    queue_database: Path | None = None  # default: <StorageDirectory>/orthanc-ai/jobs.sqlite
+    max_pixel_bytes: int = 1 << 30
+    max_instance_bytes: int = 2 << 30
+    tensorflow_threads: int = 0  # 0 lets TensorFlow decide
+    http_timeout_seconds: float = 60.0
+    max_attempts: int = 3
+    retry_backoff_seconds: float = 5.0
+
+
+# JSON key -> field; Orthanc's own keys are CamelCase, ours follow suit.
+_KEYS = {
+    "Enabled": "enabled",
+    "ModelsDirectory": "models_directory",
+    "Workers": "workers",
+    "QueueDatabase": "queue_database",
+    "MaxPixelBytes": "max_pixel_bytes",
+    "MaxInstanceBytes": "max_instance_bytes",
+    "TensorFlowThreads": "tensorflow_threads",
+    "HttpTimeoutSeconds": "http_timeout_seconds",
+    "MaxAttempts": "max_attempts",
+    "RetryBackoffSeconds": "retry_backoff_seconds",
+}
+assert set(_KEYS.values()) == {f.name for f in fields(AIConfig)}
+
+
+def _coerce(key: str, value: Any, default: Any, annotation: str) -> Any:
+    if "bool" in annotation:
+        if not isinstance(value, bool):
+            raise ConfigError(f"AI.{key} must be true or false, not {value!r}")
+        return value
+    if "Path" in annotation:
+        if value is None and "None" in annotation:
+            return None
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"AI.{key} must be a non-empty path string, not {value!r}")
+        path = Path(value)
+        return path if path.is_absolute() else PROJECT_ROOT / path
+    if annotation == "int":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"AI.{key} must be a non-negative integer, not {value!r}")
+        return value
+    if annotation == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"AI.{key} must be a non-negative number, not {value!r}")
+        return float(value)
+    raise AssertionError(annotation)
+
+
+def parse_ai_section(section: Any) -> AIConfig:
+    """Validate the ``AI`` object of the Orthanc configuration."""
+    if section is None:
+        return AIConfig()
+    if not isinstance(section, dict):
+        raise ConfigError("AI must be a JSON object")
+    unknown = sorted(set(section) - set(_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) in AI: {', '.join('AI.' + k for k in unknown)}; "
+            f"valid keys: {', '.join(sorted(_KEYS))}"
+        )
+    values: dict[str, Any] = {}
+    defaults = AIConfig()
+    types = {f.name: str(f.type) for f in fields(AIConfig)}
+    for key, value in section.items():
+        name = _KEYS[key]
+        values[name] = _coerce(key, value, getattr(defaults, name), types[name])
+    config = AIConfig(**values)
+    if config.workers < 1:
+        raise ConfigError("AI.Workers must be at least 1")
+    if config.max_attempts < 1:
+        raise ConfigError("AI.MaxAttempts must be at least 1")
+    return config
+
+
+_COMMENT = re.compile(r'("(?:\\.|[^"\\])*")|//[^\n]*|/\*.*?\*/', re.S)
+
+
+def load_orthanc_json(path: Path) -> dict[str, Any]:
+    """Orthanc's configuration files allow // and /* */ comments; JSON does not."""
+    text = path.read_text(encoding="utf-8")
+    stripped = _COMMENT.sub(lambda m: m.group(1) or "", text)
+    try:
+        data = json.loads(stripped)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the configuration must be a JSON object")
+    return data

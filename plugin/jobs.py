@@ -1,0 +1,284 @@
+"""Durable job store (SQLite) behind a small interface.
+
+One job is one (input instance, model id, model version). Its key is
+unique, so an instance seen twice (a resend, a replayed change) never runs
+a model version twice. Instance-level outcomes that happen before a model
+is chosen (non-image object, no model applies, instance vanished) are
+jobs with an empty model.
+
+States: ``queued`` -> ``running`` -> ``done`` | ``skipped`` | ``failed`` |
+``dead``. ``failed`` with a ``not_before`` time will be retried then (a
+transient error); ``failed`` without one failed for good at once (a broken
+input: retrying cannot help). ``dead`` means transient errors used up all
+attempts. At start-up ``running`` jobs go back to ``queued``: the process
+that ran them is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+STATES = ("queued", "running", "done", "skipped", "failed", "dead")
+FINAL_STATES = ("done", "skipped", "dead")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_key TEXT NOT NULL UNIQUE,
+    instance TEXT NOT NULL,
+    study TEXT,
+    series TEXT,
+    model TEXT NOT NULL DEFAULT '',
+    model_version TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL,
+    reason TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    not_before REAL NOT NULL DEFAULT 0,
+    result TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, not_before);
+CREATE INDEX IF NOT EXISTS jobs_instance ON jobs(instance);
+CREATE INDEX IF NOT EXISTS jobs_study ON jobs(study);
+CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    instance: str
+    study: str | None
+    series: str | None
+    model: str
+    model_version: str
+    state: str
+    reason: str | None
+    attempts: int
+    created: float
+    updated: float
+    not_before: float
+    result: dict[str, Any] | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "state": self.state,
+            "model": self.model or None,
+            "model_version": self.model_version or None,
+            "instance": self.instance,
+            "study": self.study,
+            "series": self.series,
+            "attempts": self.attempts,
+            "next_attempt": _iso(self.not_before) if self.not_before else None,
+            "reason": self.reason,
+            "created": _iso(self.created),
+            "updated": _iso(self.updated),
+            "result": self.result,
+        }
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def job_key(instance: str, model: str = "", version: str = "") -> str:
+    return f"{instance}|{model}|{version}"
+
+
+class SqliteJobStore:
+    """Thread-safe; one connection per thread, WAL so readers never block the writer."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._conn().executescript(_SCHEMA)  # executescript manages its own transaction
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    @staticmethod
+    def _job(row: sqlite3.Row) -> Job:
+        return Job(
+            id=row["id"],
+            instance=row["instance"],
+            study=row["study"],
+            series=row["series"],
+            model=row["model"],
+            model_version=row["model_version"],
+            state=row["state"],
+            reason=row["reason"],
+            attempts=row["attempts"],
+            created=row["created"],
+            updated=row["updated"],
+            not_before=row["not_before"] if row["state"] == "failed" else 0.0,
+            result=json.loads(row["result"]) if row["result"] else None,
+        )
+
+    # -- writing -------------------------------------------------------------
+
+    def recover(self) -> int:
+        """Jobs left ``running`` by a process that died go back to the queue."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET state='queued', updated=? WHERE state='running'", (time.time(),)
+            )
+            return cur.rowcount
+
+    def add(
+        self,
+        instance: str,
+        *,
+        study: str | None,
+        series: str | None,
+        model: str = "",
+        version: str = "",
+        state: str = "queued",
+        reason: str | None = None,
+    ) -> Job | None:
+        """Create a job unless its key exists; returns the new job or None."""
+        now = time.time()
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO jobs (job_key, instance, study, series, model,"
+                " model_version, state, reason, created, updated)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_key(instance, model, version), instance, study, series, model, version,
+                 state, reason, now, now),
+            )
+            if cur.rowcount == 0:
+                return None
+            row = db.execute("SELECT * FROM jobs WHERE id=?", (cur.lastrowid,)).fetchone()
+        return self._job(row)
+
+    def claim(self, job_id: int) -> Job | None:
+        """Move one queued job to running, if nobody else took it."""
+        with self._tx() as db:
+            row = db.execute(
+                "UPDATE jobs SET state='running', attempts=attempts+1, updated=?"
+                " WHERE id=? AND state = 'queued' RETURNING *",
+                (time.time(), job_id),
+            ).fetchone()
+        return self._job(row) if row else None
+
+    def claim_next(self) -> Job | None:
+        """The oldest job that is due (queued, or failed and past its back-off)."""
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute(
+                "UPDATE jobs SET state='running', attempts=attempts+1, updated=?"
+                " WHERE id = (SELECT id FROM jobs WHERE (state = 'queued' AND not_before <= ?)"
+                " OR (state = 'failed' AND not_before > 0 AND not_before <= ?)"
+                " ORDER BY not_before, id LIMIT 1) RETURNING *",
+                (now, now, now),
+            ).fetchone()
+        return self._job(row) if row else None
+
+    def finish(
+        self,
+        job_id: int,
+        state: str,
+        *,
+        reason: str | None = None,
+        result: dict[str, Any] | None = None,
+        retry_at: float = 0.0,
+    ) -> None:
+        if state not in STATES:
+            raise ValueError(state)
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET state=?, reason=?, result=?, updated=?, not_before=?"
+                " WHERE id=?",
+                (state, reason, json.dumps(result) if result is not None else None,
+                 time.time(), retry_at, job_id),
+            )
+
+    def requeue(self, job_id: int) -> Job | None:
+        """Operator retry: any job that is not running goes back to the queue."""
+        with self._tx() as db:
+            row = db.execute(
+                "UPDATE jobs SET state='queued', attempts=0, not_before=0, updated=?"
+                " WHERE id=? AND state != 'running' RETURNING *",
+                (time.time(), job_id),
+            ).fetchone()
+        return self._job(row) if row else None
+
+    # -- reading -------------------------------------------------------------
+
+    def get(self, job_id: int) -> Job | None:
+        row = self._conn().execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return self._job(row) if row else None
+
+    def for_instance(self, instance: str) -> list[Job]:
+        rows = self._conn().execute(
+            "SELECT * FROM jobs WHERE instance=? ORDER BY id", (instance,)
+        ).fetchall()
+        return [self._job(r) for r in rows]
+
+    def list(
+        self,
+        *,
+        state: str | None = None,
+        study: str | None = None,
+        model: str | None = None,
+        instance: str | None = None,
+        since_id: int = 0,
+        limit: int = 1000,
+    ) -> list[Job]:
+        where, args = ["id > ?"], [since_id]
+        for column, value in (("state", state), ("study", study), ("model", model),
+                              ("instance", instance)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        rows = self._conn().execute(
+            f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY id LIMIT ?",
+            (*args, limit),
+        ).fetchall()
+        return [self._job(r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        rows = self._conn().execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+        counts = dict.fromkeys(STATES, 0)
+        counts.update({r[0]: r[1] for r in rows})
+        return counts
+
+    def get_value(self, key: str) -> str | None:
+        row = self._conn().execute("SELECT value FROM kv WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_value(self, key: str, value: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO kv (key, value) VALUES (?, ?)"
+                " ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                (key, value),
+            )

@@ -1,0 +1,75 @@
+"""Loopback HTTP client for Orthanc's REST API, used by worker threads.
+
+Workers never call ``orthanc.RestApi*``: orthanc-python 4.0 keeps the GIL
+during SDK calls, and a worker inside ``orthanc.RestApiPost`` while a
+C-STORE is in ``OnStoredInstance`` deadlocks Orthanc. ``requests``
+releases the GIL while it waits. The ``Authorization`` token comes from
+``orthanc.GenerateRestApiAuthorizationToken()`` so this works whatever the
+authentication settings are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import requests
+
+from inference.errors import BadInput, SkipInput, TransientError
+
+
+class InstanceGone(SkipInput):
+    """The instance was deleted before its job ran (e.g. storage recycling)."""
+
+
+class OrthancClient:
+    def __init__(self, base_url: str, token: str | None = None, timeout: float = 60.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.session = requests.Session()
+        self.session.trust_env = False  # never route loopback traffic through a proxy
+        if token:
+            self.session.headers["Authorization"] = token
+        if self.base_url.startswith("https://"):
+            # Loopback to our own Orthanc: its certificate names the public host.
+            self.session.verify = False
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        try:
+            response = self.session.request(
+                method, self.base_url + path, timeout=self.timeout, **kwargs
+            )
+        except requests.RequestException as exc:
+            raise TransientError(f"Orthanc REST {method} {path.split('?')[0]}: {exc}") from exc
+        if response.status_code == 404:
+            raise InstanceGone(f"not found in Orthanc: {path.split('?')[0]}")
+        if response.status_code >= 500 or response.status_code in (408, 429, 503):
+            raise TransientError(
+                f"Orthanc REST {method} {path.split('?')[0]}: HTTP {response.status_code}"
+            )
+        if response.status_code >= 400:
+            raise BadInput(
+                f"Orthanc REST {method} {path.split('?')[0]}: HTTP {response.status_code} "
+                f"{response.text[:200]}"
+            )
+        return response
+
+    def get_json(self, path: str) -> Any:
+        return self._request("GET", path).json()
+
+    def instance(self, instance_id: str) -> dict[str, Any]:
+        return self.get_json(f"/instances/{instance_id}")
+
+    def instance_metadata(self, instance_id: str) -> dict[str, str]:
+        return self.get_json(f"/instances/{instance_id}/metadata?expand")
+
+    def instance_file(self, instance_id: str) -> bytes:
+        return self._request("GET", f"/instances/{instance_id}/file").content
+
+    def store(self, dicom: bytes) -> dict[str, Any]:
+        response = self._request(
+            "POST", "/instances", data=dicom, headers={"Content-Type": "application/dicom"}
+        )
+        return response.json()
+
+    def changes(self, since: int, limit: int = 100) -> dict[str, Any]:
+        return self.get_json(f"/changes?since={since}&limit={limit}")

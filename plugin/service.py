@@ -1,0 +1,334 @@
+"""The AI service inside Orthanc: inbox, worker threads, the per-job pipeline.
+
+Nothing here imports ``orthanc``: the adapter hands us an Orthanc HTTP
+client and calls ``enqueue`` from the stored-instance callback. Every
+instance ends as a job in a visible state; one catch-all per job records
+the reason and the worker goes on (like pynetdicom's ``attempt``).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+from inference.backend import Backend, Batch
+from inference.card import CardError, ModelCard
+from inference.errors import BadInput, JobOutcome, SkipInput, TransientError
+from inference.postprocess import to_finding
+from inference.preprocess import prepare_radiograph
+from inference.registry import Registry
+from inference.report import MANUFACTURER, build_sr
+
+from .config import AIConfig
+from .jobs import Job, SqliteJobStore
+from .metrics import Metrics
+from .orthanc_http import InstanceGone, OrthancClient
+
+log = logging.getLogger("orthanc_ai")
+
+# SOP Class UID prefixes of objects without an image to analyse; they are
+# skipped from Orthanc's metadata alone, without downloading the file.
+_NON_IMAGE_PREFIXES = (
+    "1.2.840.10008.5.1.4.1.1.88.",  # structured reports, key object selection
+    "1.2.840.10008.5.1.4.1.1.11.",  # presentation states
+    "1.2.840.10008.5.1.4.1.1.104.",  # encapsulated PDF, CDA, STL, ...
+    "1.2.840.10008.5.1.4.1.1.9.",  # waveforms (ECG, audio, ...)
+    "1.2.840.10008.5.1.4.1.1.66",  # raw data, spatial registration, fiducials, seg
+    "1.2.840.10008.5.1.4.1.1.481.2",  # RT dose ... RT plans, not RT Image (.481.1)
+    "1.2.840.10008.5.1.4.1.1.481.3",
+    "1.2.840.10008.5.1.4.1.1.481.4",
+    "1.2.840.10008.5.1.4.1.1.481.5",
+    "1.2.840.10008.5.1.4.1.1.481.6",
+    "1.2.840.10008.5.1.4.1.1.481.7",
+    "1.2.840.10008.5.1.4.1.1.481.8",
+    "1.2.840.10008.5.1.4.1.1.481.9",
+    "1.2.840.10008.5.1.1.",  # printing, basic film
+)
+
+
+def sop_class_name(uid: str) -> str:
+    name = UID(uid).name
+    return name if name != uid else f"SOP Class {uid}"
+
+
+def non_image_reason(sop_class_uid: str) -> str | None:
+    if sop_class_uid and sop_class_uid.startswith(_NON_IMAGE_PREFIXES):
+        return f"non-image object ({sop_class_name(sop_class_uid)})"
+    return None
+
+
+@dataclass(frozen=True)
+class Stored:
+    """An instance as the pipeline knows it after fetching."""
+
+    instance: str
+    study: str
+    series: str
+    dataset: Dataset
+    queued_at: float
+
+
+class Service:
+    def __init__(
+        self,
+        config: AIConfig,
+        store: SqliteJobStore,
+        client: OrthancClient,
+        registry: Registry,
+        backend: Backend,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.client = client
+        self.registry = registry
+        self.backend = backend
+        self._inbox: queue.Queue[tuple[str, float]] = queue.Queue()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._ready = threading.Event()
+        self.metrics = Metrics(store.counts, self._inbox.qsize)
+        self.clock: Callable[[], float] = time.time
+
+    # -- called from Orthanc callbacks: must be quick and never raise -------
+
+    def enqueue(self, instance_id: str) -> None:
+        self._inbox.put((instance_id, time.time()))
+
+    # -- life cycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        recovered = self.store.recover()
+        if recovered:
+            log.warning("orthanc-ai: %d job(s) interrupted by a stop were queued again", recovered)
+        self._stop.clear()
+        loader = threading.Thread(target=self._load_models, name="orthanc-ai-loader", daemon=True)
+        loader.start()
+        self._threads = [loader]
+        for i in range(self.config.workers):
+            t = threading.Thread(target=self._loop, name=f"orthanc-ai-worker-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout)
+        self._threads = []
+
+    def _load_models(self) -> None:
+        for card in list(self.registry.cards.values()):
+            try:
+                self.backend.load(card)
+                log.warning("orthanc-ai: model %s %s loaded", card.id, card.version)
+            except CardError as exc:
+                log.error("orthanc-ai: model %s disabled: %s", card.id, exc)
+                self.registry.disable(card.id, str(exc))
+            except Exception as exc:  # a model that cannot load must not stop the others
+                log.exception("orthanc-ai: model %s failed to load", card.id)
+                self.registry.disable(card.id, f"cannot be loaded: {exc}")
+        self._ready.set()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout)
+
+    # -- worker loop -------------------------------------------------------------
+
+    def _loop(self) -> None:
+        self._ready.wait()
+        while not self._stop.is_set():
+            try:
+                job = self.store.claim_next()
+                if job is not None:
+                    self.run_job(job)
+                    continue
+                try:
+                    instance_id, queued_at = self._inbox.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                self.triage(instance_id, queued_at)
+            except Exception:  # the loop itself must survive anything
+                log.exception("orthanc-ai: worker error")
+                time.sleep(1.0)
+
+    @contextmanager
+    def _stage(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.metrics.stage_seconds.labels(name).observe(time.perf_counter() - t0)
+
+    def _locate(self, instance_id: str) -> tuple[dict[str, Any], str, str]:
+        """Orthanc's record of an instance, its series and study IDs."""
+        info = self.client.instance(instance_id)
+        series = info["ParentSeries"]
+        study = self.client.get_json(f"/series/{series}")["ParentStudy"]
+        return info, study, series
+
+    def _fetch(
+        self, instance_id: str, queued_at: float, located: tuple | None = None
+    ) -> Stored:
+        """Download and parse one instance, refusing oversized files first."""
+        with self._stage("fetch"):
+            info, study, series = located or self._locate(instance_id)
+            size = int(info.get("FileSize", 0) or 0)
+            if size > self.config.max_instance_bytes:
+                raise BadInput(
+                    f"instance file is {size / 2**20:.0f} MiB, over the "
+                    f"{self.config.max_instance_bytes / 2**20:.0f} MiB cap (MaxInstanceBytes)"
+                )
+            data = self.client.instance_file(instance_id)
+        with self._stage("decode"):
+            try:
+                ds = pydicom.dcmread(io.BytesIO(data))
+            except (InvalidDicomError, EOFError, ValueError, OSError, KeyError) as exc:
+                raise BadInput(f"not a readable DICOM file: {type(exc).__name__}: {exc}") from exc
+        return Stored(instance_id, study, series, ds, queued_at)
+
+    def triage(self, instance_id: str, queued_at: float | None = None) -> None:
+        """Decide what to do with a newly stored instance and run its jobs."""
+        queued_at = queued_at or time.time()
+        if self.store.for_instance(instance_id):
+            return  # seen before (resend, replayed change): handled or in progress
+        try:
+            located = self._locate(instance_id)
+            meta = self.client.instance_metadata(instance_id)
+        except InstanceGone:
+            self.store.add(instance_id, study=None, series=None, state="skipped",
+                           reason="instance deleted before it could be processed")
+            return
+        except TransientError as exc:
+            log.warning("orthanc-ai: triage of an instance postponed: %s", exc.reason)
+            self._inbox.put((instance_id, queued_at))
+            time.sleep(1.0)
+            return
+        _, study, series = located
+        sop_class = meta.get("SopClassUid", "")
+        try:
+            reason = non_image_reason(sop_class)
+            if reason is not None:
+                if self._is_own_output(instance_id, sop_class):
+                    return
+                raise SkipInput(reason)
+            stored = self._fetch(instance_id, queued_at, located)
+            ds = stored.dataset
+            if "PixelData" not in ds:
+                raise SkipInput(f"non-image object ({sop_class_name(sop_class)})")
+            cards = self.registry.match(ds)
+            if not cards:
+                raise SkipInput(
+                    f"no model accepts Modality={ds.get('Modality', '') or 'missing'} "
+                    f"({sop_class_name(sop_class)})"
+                )
+        except JobOutcome as exc:
+            state = "skipped" if isinstance(exc, SkipInput) else "failed"
+            self.store.add(instance_id, study=study, series=series, state=state,
+                           reason=exc.reason)
+            self.metrics.finished.labels(state).inc()
+            return
+        for card in cards:
+            job = self.store.add(instance_id, study=study, series=series,
+                                 model=card.id, version=card.version)
+            if job is not None and (claimed := self.store.claim(job.id)) is not None:
+                self.run_job(claimed, stored)
+
+    def _is_own_output(self, instance_id: str, sop_class: str) -> bool:
+        if not sop_class.startswith("1.2.840.10008.5.1.4.1.1.88."):
+            return False
+        try:
+            tags = self.client.get_json(f"/instances/{instance_id}/simplified-tags")
+        except JobOutcome:
+            return False
+        return tags.get("Manufacturer") == MANUFACTURER
+
+    # -- one job -------------------------------------------------------------------
+
+    def run_job(self, job: Job, stored: Stored | None = None) -> None:
+        try:
+            card = self.registry.cards.get(job.model)
+            if card is None or card.version != job.model_version:
+                raise BadInput(f"model {job.model} {job.model_version} is not loaded")
+            if stored is None:
+                stored = self._fetch(job.instance, job.created)
+            result = self._analyse(card, stored)
+        except TransientError as exc:
+            self._retry_or_give_up(job, exc.reason)
+            return
+        except JobOutcome as exc:
+            state = "skipped" if isinstance(exc, SkipInput) else "failed"
+            self.store.finish(job.id, state, reason=exc.reason)
+            self.metrics.finished.labels(state).inc()
+            return
+        except Exception as exc:
+            # An unexpected error is a bug or a model failure; it may be transient.
+            log.exception("orthanc-ai: job %d failed", job.id)
+            self._retry_or_give_up(job, f"{type(exc).__name__}: {exc}")
+            return
+        self.store.finish(job.id, "done", result=result)
+        self.metrics.finished.labels("done").inc()
+        self.metrics.end_to_end.observe(max(0.0, time.time() - stored.queued_at))
+
+    def _retry_or_give_up(self, job: Job, reason: str) -> None:
+        if job.attempts >= self.config.max_attempts:
+            self.store.finish(job.id, "dead",
+                              reason=f"gave up after {job.attempts} attempt(s): {reason}")
+            self.metrics.finished.labels("dead").inc()
+            return
+        delay = self.config.retry_backoff_seconds * (2 ** (job.attempts - 1))
+        self.store.finish(job.id, "failed", reason=f"will retry in {delay:.0f} s: {reason}",
+                          retry_at=time.time() + delay)
+        self.metrics.finished.labels("failed").inc()
+
+    def _analyse(self, card: ModelCard, stored: Stored) -> dict[str, Any]:
+        ds = stored.dataset
+        with self._stage("decode"):
+            rows, cols, channels = card.image.shape
+            features = card.metadata.features if card.metadata else ()
+            prepared = prepare_radiograph(
+                ds,
+                canvas=(rows, cols),
+                target_mm=card.image.pixel_spacing_mm,
+                feature_names=features,
+                max_pixel_bytes=self.config.max_pixel_bytes,
+            )
+        with self._stage("infer"):
+            image = prepared.image.pixels[None, :, :, None]
+            if channels != 1:
+                image = np.repeat(image, channels, axis=-1)
+            batch = Batch(image, prepared.features[None, :] if card.metadata else None)
+            raw = self.backend.predict(card, batch)[0]
+        with self._stage("report"):
+            finding = to_finding(card, raw, prepared.image.geometry)
+            sr = build_sr(ds, card, [finding], missing_inputs=prepared.missing_inputs)
+            buffer = io.BytesIO()
+            sr.save_as(buffer, enforce_file_format=True)
+        with self._stage("store"):
+            answer = self.client.store(buffer.getvalue())
+        if answer.get("ParentStudy") not in (None, stored.study):
+            raise BadInput("the SR was filed under another study than its source")
+        region = finding.region
+        return {
+            "finding": card.finding.meaning,
+            "probability": round(finding.probability, 6),
+            "positive": finding.positive,
+            "threshold": card.threshold,
+            "region": None if region is None else [region.col0, region.row0,
+                                                    region.col1, region.row1],
+            "missing_inputs": list(prepared.missing_inputs),
+            "notes": list(prepared.image.notes),
+            "sr_sop_instance_uid": str(sr.SOPInstanceUID),
+            "sr_series_instance_uid": str(sr.SeriesInstanceUID),
+            "sr_instance": answer.get("ID"),
+            "sr_status": answer.get("Status"),
+        }
