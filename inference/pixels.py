@@ -77,7 +77,8 @@ def check_decodable(ds: Dataset, max_pixel_bytes: int = DEFAULT_MAX_PIXEL_BYTES)
         )
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     if photometric not in MONOCHROME:
-        raise SkipInput(f"colour image ({photometric or 'no PhotometricInterpretation'}) not supported")
+        shown = photometric or "no PhotometricInterpretation"
+        raise SkipInput(f"colour image ({shown}) not supported")
     tsuid = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if tsuid is not None and tsuid.is_compressed and tsuid not in _ENCAPSULATED_OK:
         raise SkipInput(f"transfer syntax {tsuid.name} ({tsuid}) cannot be decoded")

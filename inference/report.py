@@ -28,10 +28,10 @@ import numpy as np
 from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
 
 from .card import Code, ModelCard
 from .postprocess import Finding
+from .uids import derived_uid
 
 MANUFACTURER = "orthanc-ai"
 SR_SERIES_NUMBER = 9901
@@ -48,18 +48,14 @@ def _concept(code: Code) -> CodedConcept:
 def sr_uids(source: Dataset, card: ModelCard) -> tuple[str, str]:
     """(SeriesInstanceUID, SOPInstanceUID) of the SR for this source and model version."""
     key = [card.id, card.version]
-    series = generate_uid(
-        prefix=None, entropy_srcs=["orthanc-ai/sr-series", str(source.SeriesInstanceUID), *key]
-    )
-    sop = generate_uid(
-        prefix=None, entropy_srcs=["orthanc-ai/sr", str(source.SOPInstanceUID), *key]
-    )
+    series = derived_uid("orthanc-ai/sr-series", str(source.SeriesInstanceUID), *key)
+    sop = derived_uid("orthanc-ai/sr", str(source.SOPInstanceUID), *key)
     return series, sop
 
 
 def device_uid(card: ModelCard) -> str:
     """Stable UID of the observing device: this algorithm, any version."""
-    return generate_uid(prefix=None, entropy_srcs=["orthanc-ai/device", card.id])
+    return derived_uid("orthanc-ai/device", card.id)
 
 
 def _header_only(ds: Dataset) -> Dataset:
@@ -106,7 +102,7 @@ def build_sr(
     groups: list = []
     for index, finding in enumerate(findings, start=1):
         tracking = hd.sr.TrackingIdentifier(
-            uid=generate_uid(prefix=None, entropy_srcs=["orthanc-ai/tracking", sop_uid, str(index)]),
+            uid=derived_uid("orthanc-ai/tracking", sop_uid, str(index)),
             identifier=f"{card.id} finding {index}",
         )
         measurement = hd.sr.Measurement(
@@ -148,13 +144,21 @@ def build_sr(
                     source_images=[hd.sr.SourceImageForMeasurementGroup(sop_class, src_uid)],
                 )
             )
+    # TID 1600 (Image Library) is optional; highdicom needs the geometry
+    # attributes of TID 1603/1604 to describe an image, which real-world
+    # images may lack. The source image stays referenced by every group.
+    try:
+        hd.sr.ImageLibrary([header])
+        library: list[Dataset] | None = [header]
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError):
+        library = None
     modality = str(source.get("Modality", ""))
     procedure = CT_PROCEDURE if modality == "CT" else PLAIN_RADIOGRAPHY
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=procedure,
         imaging_measurements=groups,
-        referenced_images=[header],
+        referenced_images=library,
     )
     now = now or dt.datetime.now()
     return hd.sr.Comprehensive3DSR(

@@ -213,7 +213,9 @@ def print_table(base_url: str, jobs: list[dict]) -> None:
                 f"{base_url}/app/explorer.html#study?uuid={study['ID']}",
             )
         )
-    header = ("Patient", "Study", "Finding", "Probability", "SR SOP Instance UID", "Orthanc Explorer")
+    header = (
+        "Patient", "Study", "Finding", "Probability", "SR SOP Instance UID", "Orthanc Explorer"
+    )
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for line in [header, tuple("-" * w for w in widths), *rows]:
         print("  ".join(str(v).ljust(w) for v, w in zip(line, widths, strict=True)))

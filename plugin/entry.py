@@ -16,7 +16,7 @@ ROOT = os.path.dirname(HERE)
 while HERE in sys.path:
     sys.path.remove(HERE)
 _site = os.environ.get("ORTHANC_AI_SITE_PACKAGES") or os.path.join(
-    ROOT, ".venv", "lib", "python%d.%d" % sys.version_info[:2], "site-packages"
+    ROOT, ".venv", "lib", "python{}.{}".format(*sys.version_info[:2]), "site-packages"
 )
 if os.path.isdir(_site):
     site.addsitedir(_site)

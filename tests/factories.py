@@ -1,0 +1,58 @@
+"""Builders shared by tests: model folders a hospital might drop in, card JSON."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+CARD: dict[str, Any] = {
+    "schema": 1,
+    "id": "tiny-xr",
+    "name": "Tiny test model",
+    "version": "0.0.1",
+    "intended_use": "Tests only, not for clinical use.",
+    "format": "keras",
+    "weights": "model.keras",
+    "accepts": {"level": "instance", "modalities": ["DX", "CR"]},
+    "inputs": {
+        "image": {"name": "image", "shape": [32, 32, 1], "pixel_spacing_mm": 4.0},
+        "metadata": {"name": "metadata", "features": ["age_years", "age_known"]},
+    },
+    "outputs": {"probability": {"name": "probability"},
+                "heatmap": {"name": "heatmap", "stride": 4}},
+    "finding": {"value": "72704001", "scheme": "SCT", "meaning": "Fracture"},
+    "threshold": 0.5,
+}
+
+
+def card_json(**changes: Any) -> dict[str, Any]:
+    card = copy.deepcopy(CARD)
+    card.update(changes)
+    return card
+
+
+def tiny_keras_model(folder: Path, *, image_shape=(32, 32, 1), n_features: int = 2,
+                     output_names=("probability", "heatmap")) -> Path:
+    """A real (untrained) Keras model with the named inputs and outputs."""
+    import keras
+
+    image = keras.Input(image_shape, name="image")
+    meta = keras.Input((n_features,), name="metadata")
+    x = keras.layers.Conv2D(4, 3, strides=4, padding="same", activation="relu")(image)
+    heat = keras.layers.Conv2D(1, 1, activation="sigmoid")(x)
+    pooled = keras.layers.GlobalAveragePooling2D()(x)
+    joined = keras.layers.Concatenate()([pooled, meta])
+    prob = keras.layers.Dense(1, activation="sigmoid")(joined)
+    outputs = dict(zip(output_names, (prob, heat), strict=True))
+    model = keras.Model({"image": image, "metadata": meta}, outputs)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.keras"
+    model.save(path)
+    return path
+
+
+def write_card(folder: Path, card: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.json").write_text(json.dumps(card))
