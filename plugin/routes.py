@@ -69,7 +69,8 @@ class Api:
         return _json(200, job.as_json())
 
     def models(self, query: Mapping[str, str]) -> Response:
-        return _json(200, self.service.registry.describe())
+        # "ready": weights are loaded and workers are taking jobs.
+        return _json(200, {"ready": self.service.wait_ready(0), **self.service.registry.describe()})
 
     def metrics(self, query: Mapping[str, str]) -> Response:
         return 200, "text/plain; version=0.0.4; charset=utf-8", self.service.metrics.render()

@@ -56,3 +56,28 @@ def tiny_keras_model(folder: Path, *, image_shape=(32, 32, 1), n_features: int =
 def write_card(folder: Path, card: dict[str, Any]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model.json").write_text(json.dumps(card))
+
+
+def synthetic_dx(seed: int, *, fracture: bool | None = None, age: float | None = 50.0,
+                 sex: str | None = "F", **dx_kwargs: Any):
+    """A valid synthetic DX dataset (our phantom), deterministic from ``seed``."""
+    import numpy as np
+
+    from inference.synthetic.dx import dx_dataset
+    from inference.synthetic.radiograph import render, sample_case
+    from inference.uids import derived_uid
+
+    rng = np.random.default_rng(seed)
+    case = sample_case(rng, fracture=fracture, age_years=age, sex=sex or "F")
+    rendered = render(case, rng)
+    kwargs = dict(
+        patient_id=f"TEST{seed}",
+        patient_name=f"TEST^PATIENT{seed}",
+        patient_sex=sex,
+        patient_age_years=age,
+        study_uid=derived_uid("test-study", str(seed)),
+        series_uid=derived_uid("test-series", str(seed)),
+        sop_uid=derived_uid("test-instance", str(seed)),
+    )
+    kwargs.update(dx_kwargs)
+    return dx_dataset(rendered, **kwargs)

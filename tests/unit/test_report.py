@@ -53,7 +53,8 @@ def test_positive_finding_sr_is_valid_and_complete(card, source, tmp_path):
     assert back.PatientID == source.PatientID
     assert back.Manufacturer == "orthanc-ai"
     items = _items(back)
-    names = {i.ConceptNameCodeSequence[0].CodeMeaning for i in items if "ConceptNameCodeSequence" in i}
+    names = {i.ConceptNameCodeSequence[0].CodeMeaning
+             for i in items if "ConceptNameCodeSequence" in i}
     assert {"Imaging Measurements", "Tracking Identifier", "Tracking Unique Identifier",
             "Finding", "Algorithm Name", "Algorithm Version", "Probability"} <= names
     version = [i.TextValue for i in items if i.get("ValueType") == "TEXT"

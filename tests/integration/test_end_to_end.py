@@ -1,0 +1,190 @@
+"""C-STORE in, validated AI SR out: the product's core path against a real Orthanc."""
+
+from __future__ import annotations
+
+import io
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from inference.backend import Batch, InProcessBackend
+from inference.card import ModelCard
+from inference.preprocess import prepare_radiograph
+from plugin.config import PROJECT_ROOT
+from tests.dicom_tools import dciodvfy_errors
+from tests.factories import synthetic_dx
+
+MODEL = PROJECT_ROOT / "models" / "limb-fracture-xr"
+
+
+@pytest.fixture(scope="module")
+def card():
+    return ModelCard.from_folder(MODEL)
+
+
+@pytest.fixture(scope="module")
+def sent(server, tmp_path_factory):
+    """A fracture and a normal radiograph, sent by C-STORE; their settled jobs."""
+    folder = tmp_path_factory.mktemp("dx")
+    files = []
+    for seed, fracture, age, sex in ((11, True, 81.0, "F"), (12, False, 35.0, "M")):
+        ds = synthetic_dx(seed, fracture=fracture, age=age, sex=sex)
+        path = folder / f"{seed}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    server.storescu(files)
+    ids = [server.lookup(str(pydicom.dcmread(f).SOPInstanceUID)) for f in files]
+    jobs = server.wait_jobs(ids)
+    return files, ids, jobs
+
+
+def test_every_image_gets_a_done_job_with_a_result(sent, card):
+    _, ids, jobs = sent
+    assert sorted(j["instance"] for j in jobs) == sorted(ids)
+    for job in jobs:
+        assert job["state"] == "done", job
+        assert job["model"] == card.id and job["model_version"] == card.version
+        assert job["attempts"] == 1
+        assert job["result"]["sr_sop_instance_uid"]
+
+
+def test_sr_is_in_the_source_study_references_the_source_and_is_valid(
+    server, sent, card, tmp_path
+):
+    files, ids, jobs = sent
+    for path, instance_id in zip(files, ids, strict=True):
+        source = pydicom.dcmread(path)
+        job = next(j for j in jobs if j["instance"] == instance_id)
+        sr_id = job["result"]["sr_instance"]
+        assert server.get(f"/instances/{sr_id}/study")["ID"] == job["study"]
+        assert server.get(f"/instances/{instance_id}/study")["ID"] == job["study"]
+        sr_bytes = server.get_bytes(f"/instances/{sr_id}/file")
+        sr_path = tmp_path / f"{instance_id}.dcm"
+        sr_path.write_bytes(sr_bytes)
+        assert dciodvfy_errors(sr_path) == []
+        sr = hd.sr.srread(sr_path)
+        assert sr.StudyInstanceUID == source.StudyInstanceUID
+        assert sr.SOPInstanceUID == job["result"]["sr_sop_instance_uid"]
+        text = str(pydicom.dcmread(sr_path))
+        assert source.SOPInstanceUID in text  # referenced by the region / image library
+        assert card.version in text and card.name in text  # algorithm identification
+        assert card.finding.value in text  # the finding's SNOMED CT code
+
+
+def test_probability_equals_a_direct_prediction(sent, card):
+    files, ids, jobs = sent
+    backend = InProcessBackend()
+    backend.load(card)
+    for path, instance_id in zip(files, ids, strict=True):
+        prepared = prepare_radiograph(
+            pydicom.dcmread(path),
+            canvas=tuple(card.image.shape[:2]),
+            target_mm=card.image.pixel_spacing_mm,
+            feature_names=card.metadata.features,
+        )
+        raw = backend.predict(card, Batch(prepared.image.pixels[None, :, :, None],
+                                          prepared.features[None, :]))[0]
+        job = next(j for j in jobs if j["instance"] == instance_id)
+        assert job["result"]["probability"] == pytest.approx(raw.probability, abs=1e-5)
+        assert job["result"]["positive"] == (raw.probability >= card.threshold)
+
+
+def test_fracture_is_located_and_negative_is_reported_absent(server, sent):
+    _, ids, jobs = sent
+    by_instance = {j["instance"]: j for j in jobs}
+    positive, negative = by_instance[ids[0]], by_instance[ids[1]]
+    assert positive["result"]["positive"] is True
+    assert positive["result"]["region"] is not None
+    assert negative["result"]["positive"] is False
+    sr = pydicom.dcmread(io.BytesIO(
+        server.get_bytes(f"/instances/{negative['result']['sr_instance']}/file")))
+    assert "Absent" in str(sr)
+
+
+def test_our_own_srs_are_not_processed(server, sent):
+    _, _, jobs = sent
+    sr_ids = {j["result"]["sr_instance"] for j in jobs}
+    assert not sr_ids & {j["instance"] for j in server.jobs()}
+
+
+def test_same_image_twice_yields_one_sr(server, sent):
+    files, ids, jobs = sent
+    server.storescu(files[:1])  # a resend by the modality
+    again = server.post("/instances", files[0].read_bytes(),
+                        headers={"Content-Type": "application/dicom"})
+    assert again["ID"] == ids[0]
+    server.wait_jobs(ids)
+    assert len([j for j in server.jobs() if j["instance"] == ids[0]]) == 1
+    study = jobs[0]["study"]
+    srs = [i for i in server.get(f"/studies/{study}/instances")
+           if i["MainDicomTags"].get("SOPInstanceUID") == jobs[0]["result"]["sr_sop_instance_uid"]]
+    assert len(srs) == 1
+
+
+def test_non_image_objects_get_no_sr(server, sent, tmp_path):
+    files, ids, _ = sent
+    image = pydicom.dcmread(files[1])
+    ko = hd.ko.KeyObjectSelectionDocument(
+        evidence=[image],
+        content=hd.ko.KeyObjectSelection(
+            document_title=pydicom.sr.codedict.codes.DCM.Manifest,
+            referenced_objects=[image],
+        ),
+        series_instance_uid=hd.UID(), series_number=50, sop_instance_uid=hd.UID(),
+        instance_number=1, manufacturer="Test",
+    )
+    pr = hd.pr.GrayscaleSoftcopyPresentationState(
+        referenced_images=[image], series_instance_uid=hd.UID(), series_number=51,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="Test",
+        manufacturer_model_name="Test", software_versions="1", device_serial_number="1",
+    )
+    paths = []
+    for name, obj in (("ko", ko), ("pr", pr)):
+        p = tmp_path / f"{name}.dcm"
+        obj.save_as(p, enforce_file_format=True)
+        paths.append(p)
+    paths.append(get_testdata_file("test-SR.dcm"))
+    server.storescu(paths)
+    new_ids = [server.lookup(str(pydicom.dcmread(p).SOPInstanceUID)) for p in paths]
+    jobs = server.wait_jobs(new_ids)
+    assert len(jobs) == 3
+    for job in jobs:
+        assert job["state"] == "skipped" and job["model"] is None
+        assert job["reason"].startswith("non-image object (")
+    reasons = " ".join(j["reason"] for j in jobs)
+    assert "Key Object Selection" in reasons and "Presentation State" in reasons
+
+
+def test_broken_image_stays_stored_and_fails_with_a_reason(server, tmp_path):
+    ds = synthetic_dx(21, fracture=False)
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3 * 2 // 2 * 2]
+    path = tmp_path / "broken.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    server.storescu([path])
+    instance_id = server.lookup(str(ds.SOPInstanceUID))
+    assert instance_id is not None  # Orthanc kept it
+    (job,) = server.wait_jobs([instance_id])
+    assert job["state"] == "failed"
+    assert "truncated" in job["reason"]
+    assert job["result"] is None
+    assert server.get("/system")["Version"]  # Orthanc keeps serving
+
+
+def test_metrics_are_prometheus_text(server, sent):
+    r = server.http.get(server.url + "/ai/metrics", timeout=10)
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/plain")
+    assert 'orthanc_ai_jobs{state="done"}' in r.text
+    assert 'orthanc_ai_stage_seconds_count{stage="infer"}' in r.text
+
+
+def test_models_lists_the_card_with_its_metrics(server, card):
+    models = server.get("/ai/models")
+    assert models["ready"] is True
+    (listed,) = [m for m in models["models"] if m["id"] == card.id]
+    assert listed["version"] == card.version
+    metrics = listed["metrics"]
+    assert metrics["held_out"]["auroc"] > metrics["image_only_ablation"]["auroc"]
+    assert np.isfinite(listed["threshold"])
