@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydicom.dataset import Dataset
-
 from .card import CardError, ModelCard
 
 log = logging.getLogger(__name__)
@@ -48,18 +46,6 @@ class Registry:
         card = self.cards.pop(model_id, None)
         if card is not None:
             self.errors[card.folder.name] = reason
-
-    def match(self, ds: Dataset) -> list[ModelCard]:
-        """Instance-level models whose card accepts this image."""
-        modality = str(ds.get("Modality", "") or "").upper()
-        photometric = str(ds.get("PhotometricInterpretation", "") or "").strip()
-        return [
-            card
-            for card in self.cards.values()
-            if card.accepts.level == "instance"
-            and modality in card.accepts.modalities
-            and (not card.accepts.photometric or photometric in card.accepts.photometric)
-        ]
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -113,8 +113,9 @@ def install() -> None:
     registry = Registry.scan(ai.models_directory)
     for folder, error in registry.errors.items():
         log.error("orthanc-ai: model folder %s not used: %s", folder, error)
+    router = ai.router(registry.cards)  # a wrong rule raises: the plugin fails loudly
     backend = InProcessBackend(intra_op_threads=ai.tensorflow_threads)
-    _service = Service(ai, store, client, registry, backend)
+    _service = Service(ai, store, client, registry, backend, router)
 
     orthanc.RegisterOnStoredInstanceCallback(_on_stored_instance)
     orthanc.RegisterOnChangeCallback(_on_change)

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from inference.routing import RoutingError
+
 from .config import PROJECT_ROOT, ConfigError, load_orthanc_json, parse_ai_section
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
@@ -61,7 +63,10 @@ def _port_free(port: int) -> bool:
 def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     """Validate, write DIR/orthanc.json, return Orthanc's command line and environment."""
     base = load_orthanc_json(Path(args.config))
-    parse_ai_section(base.get("AI"))  # fail before Orthanc starts, naming the key
+    from inference.registry import Registry
+
+    ai = parse_ai_section(base.get("AI"))  # fail before Orthanc starts, naming the key
+    ai.router(Registry.scan(ai.models_directory).cards)
     for name, port in (("--http-port", args.http_port), ("--dicom-port", args.dicom_port)):
         if not _port_free(port):
             raise ConfigError(
@@ -88,9 +93,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    parse_ai_section(load_orthanc_json(Path(args.config)).get("AI"))
-    print(f"{args.config}: AI section is valid")
-    return 0
+    """The AI section, the model cards it finds and its routing rules."""
+    from inference.registry import Registry
+
+    ai = parse_ai_section(load_orthanc_json(Path(args.config)).get("AI"))
+    registry = Registry.scan(ai.models_directory)
+    for folder, error in registry.errors.items():
+        print(f"model folder {folder}: {error}", file=sys.stderr)
+    router = ai.router(registry.cards)
+    print(f"{args.config}: AI section is valid; models {sorted(registry.cards)}; "
+          f"{len(router.rules)} routing rule(s)")
+    return 1 if registry.errors else 0
 
 
 def cmd_validate_model(args: argparse.Namespace) -> int:
@@ -246,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                 "validate-model": cmd_validate_model}
     try:
         return handlers[args.command](args)
-    except ConfigError as exc:
+    except (ConfigError, RoutingError) as exc:
         print(f"orthanc-ai: configuration error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from inference.card import ModelCard
+from inference.routing import Router, RoutingError, Rule, default_rules
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,6 +35,15 @@ class AIConfig:
     http_timeout_seconds: float = 60.0
     max_attempts: int = 3
     retry_backoff_seconds: float = 5.0
+    # AI.Routing: {"ExcludeByDefault": bool, "Rules": [...]}; None = card defaults
+    routing_rules: tuple[Rule, ...] | None = None
+    exclude_by_default: bool = True
+
+    def router(self, cards: Mapping[str, ModelCard]) -> Router:
+        """Rules checked against the installed model cards (RoutingError if wrong)."""
+        rules = list(self.routing_rules) if self.routing_rules is not None else \
+            default_rules(cards.values())
+        return Router(rules, cards, self.exclude_by_default)
 
 
 # JSON key -> field; Orthanc's own keys are CamelCase, ours follow suit.
@@ -45,8 +58,32 @@ _KEYS = {
     "HttpTimeoutSeconds": "http_timeout_seconds",
     "MaxAttempts": "max_attempts",
     "RetryBackoffSeconds": "retry_backoff_seconds",
+    "Routing": "routing_rules",
 }
-assert set(_KEYS.values()) == {f.name for f in fields(AIConfig)}
+_SPECIAL = {"routing_rules", "exclude_by_default"}
+assert set(_KEYS.values()) | _SPECIAL == {f.name for f in fields(AIConfig)}
+
+
+def _parse_routing(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError("AI.Routing must be an object with Rules and ExcludeByDefault")
+    unknown = sorted(set(value) - {"Rules", "ExcludeByDefault"})
+    if unknown:
+        raise ConfigError(f"unknown key(s) in AI.Routing: {unknown}")
+    exclude = value.get("ExcludeByDefault", True)
+    if not isinstance(exclude, bool):
+        raise ConfigError("AI.Routing.ExcludeByDefault must be true or false")
+    rules = value.get("Rules")
+    if rules is None:
+        parsed = None
+    elif not isinstance(rules, list):
+        raise ConfigError("AI.Routing.Rules must be a list of rules")
+    else:
+        try:
+            parsed = tuple(Rule.from_json(r, i) for i, r in enumerate(rules))
+        except RoutingError as exc:
+            raise ConfigError(str(exc)) from exc
+    return {"routing_rules": parsed, "exclude_by_default": exclude}
 
 
 def _coerce(key: str, value: Any, default: Any, annotation: str) -> Any:
@@ -89,6 +126,9 @@ def parse_ai_section(section: Any) -> AIConfig:
     types = {f.name: str(f.type) for f in fields(AIConfig)}
     for key, value in section.items():
         name = _KEYS[key]
+        if name == "routing_rules":
+            values.update(_parse_routing(value))
+            continue
         values[name] = _coerce(key, value, getattr(defaults, name), types[name])
     config = AIConfig(**values)
     if config.workers < 1:

@@ -31,6 +31,7 @@ from inference.postprocess import to_finding
 from inference.preprocess import prepare_radiograph
 from inference.registry import Registry
 from inference.report import MANUFACTURER, build_sr
+from inference.routing import Router
 
 from .config import AIConfig
 from .jobs import Job, SqliteJobStore
@@ -89,8 +90,10 @@ class Service:
         client: OrthancClient,
         registry: Registry,
         backend: Backend,
+        router: Router,
     ) -> None:
         self.config = config
+        self.router = router
         self.store = store
         self.client = client
         self.registry = registry
@@ -225,12 +228,7 @@ class Service:
             ds = stored.dataset
             if "PixelData" not in ds:
                 raise SkipInput(f"non-image object ({sop_class_name(sop_class)})")
-            cards = self.registry.match(ds)
-            if not cards:
-                raise SkipInput(
-                    f"no model accepts Modality={ds.get('Modality', '') or 'missing'} "
-                    f"({sop_class_name(sop_class)})"
-                )
+            cards = self.router.route(ds)
         except JobOutcome as exc:
             state = "skipped" if isinstance(exc, SkipInput) else "failed"
             self.store.add(instance_id, study=study, series=series, state=state,

@@ -1,0 +1,134 @@
+"""Routing rules: declarative, prioritised, refused at start-up when unsafe."""
+
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+
+from inference.card import ModelCard
+from inference.errors import SkipInput
+from inference.routing import Router, Rule, RoutingError, default_exclusion, default_rules
+from plugin.config import ConfigError, parse_ai_section
+from tests.factories import card_json, write_card
+
+
+@pytest.fixture(scope="module")
+def cards(tmp_path_factory):
+    out = {}
+    for model_id, modalities, parts in (("xr", ["DX", "CR"], ["FOREARM", "LEG"]),
+                                        ("ct", ["CT"], [])):
+        folder: Path = tmp_path_factory.mktemp(model_id)
+        (folder / "model.keras").write_bytes(b"")
+        write_card(folder, card_json(id=model_id, accepts={
+            "level": "instance", "modalities": modalities, "body_parts": parts}))
+        out[model_id] = ModelCard.from_folder(folder)
+    return out
+
+
+def image(**kw) -> Dataset:
+    ds = Dataset()
+    ds.Modality = "DX"
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.BodyPartExamined = "FOREARM"
+    for k, v in kw.items():
+        setattr(ds, k, v)
+    return ds
+
+
+def rules(*specs):
+    return [Rule.from_json(s, i) for i, s in enumerate(specs)]
+
+
+def test_card_defaults_route_by_modality_and_body_part(cards):
+    router = Router(default_rules(cards.values()), cards)
+    assert [c.id for c in router.route(image())] == ["xr"]
+    assert [c.id for c in router.route(image(Modality="CT", BodyPartExamined="HEAD"))] == ["ct"]
+    with pytest.raises(SkipInput, match="no rule matched"):
+        router.route(image(BodyPartExamined="CHEST"))
+    with pytest.raises(SkipInput, match="no rule matched"):
+        router.route(image(Modality="MR"))
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"ImageType": ["DERIVED", "SECONDARY"]}, "derived image"),
+        ({"ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]}, "localizer"),
+        ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.7"}, "secondary capture"),
+        ({"SeriesDescription": "Dose Report"}, "dose"),
+        ({"SeriesDescription": "Topogram 0.6 T20f"}, "localizer"),
+    ],
+)
+def test_default_exclusions(cards, changes, reason):
+    router = Router(default_rules(cards.values()), cards)
+    with pytest.raises(SkipInput, match=f"excluded by default: .*{reason}"):
+        router.route(image(**changes))
+    assert Router(default_rules(cards.values()), cards, exclude_by_default=False).route(
+        image(**changes) if "SOPClassUID" not in changes else image()
+    )
+
+
+def test_priority_and_skip_rules(cards):
+    router = Router(rules(
+        {"Name": "adult limbs", "Model": "xr", "Modality": ["DX"],
+         "BodyPartExamined": ["FOREARM", "LEG"], "Priority": 1},
+        {"Name": "no children", "Model": "xr", "Action": "skip", "AgeYears": [0, 18],
+         "Priority": 10},
+    ), cards)
+    assert router.route(image(PatientAge="040Y"))
+    with pytest.raises(SkipInput, match="skipped by rule.*no children"):
+        router.route(image(PatientAge="009Y"))
+    assert router.route(image())  # age unknown: the age rule does not match
+
+
+def test_matching_on_descriptions_view_and_image_type(cards):
+    router = Router(rules({
+        "Name": "AP forearm", "Model": "xr", "Modality": "DX", "BodyPartExamined": "FOREARM",
+        "ViewPosition": ["AP", "PA"], "ImageType": ["ORIGINAL"],
+        "ImageTypeExcludes": ["STITCHED"], "SeriesDescription": "^arm|forearm",
+        "StudyDescription": "trauma",
+    }), cards)
+    good = image(ViewPosition="AP", SeriesDescription="Forearm AP", StudyDescription="XR trauma")
+    assert router.route(good)
+    for bad in (dict(ViewPosition="LL"), dict(SeriesDescription="hand"),
+                dict(StudyDescription="routine"), dict(ImageType=["ORIGINAL", "STITCHED"])):
+        ds = image(ViewPosition="AP", SeriesDescription="Forearm AP",
+                   StudyDescription="XR trauma")
+        for k, v in bad.items():
+            setattr(ds, k, v)
+        with pytest.raises(SkipInput):
+            router.route(ds)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"Name": "r", "Model": "xr", "Modality": ["DX", "CT"], "BodyPartExamined": "LEG"},
+         r"would send Modality \['CT'\]"),
+        ({"Name": "r", "Model": "xr", "BodyPartExamined": "LEG"}, "must limit Modality"),
+        ({"Name": "r", "Model": "xr", "Modality": "DX"}, "must limit BodyPartExamined"),
+        ({"Name": "r", "Model": "xr", "Modality": "DX", "BodyPartExamined": "CHEST"},
+         "must limit BodyPartExamined"),
+        ({"Name": "r", "Model": "nope", "Modality": "DX"}, "not installed"),
+    ],
+)
+def test_unsafe_rules_are_refused_at_start_up(cards, spec, message):
+    with pytest.raises(RoutingError, match=message):
+        Router(rules(spec), cards)
+
+
+def test_routing_section_errors_name_the_key():
+    with pytest.raises(ConfigError, match="Rules\\[0\\]: unknown key"):
+        parse_ai_section({"Routing": {"Rules": [{"Name": "a", "Model": "m", "Modalty": "DX"}]}})
+    with pytest.raises(ConfigError, match="AgeYears"):
+        parse_ai_section({"Routing": {"Rules": [{"Name": "a", "Model": "m", "AgeYears": [5]}]}})
+    with pytest.raises(ConfigError, match="SeriesDescription"):
+        parse_ai_section({"Routing": {"Rules": [
+            {"Name": "a", "Model": "m", "SeriesDescription": "("}]}})
+    with pytest.raises(ConfigError, match="AI.Routing"):
+        parse_ai_section({"Routing": {"Rulez": []}})
+
+
+def test_default_exclusion_keeps_ordinary_images():
+    assert default_exclusion(image()) is None
