@@ -93,7 +93,8 @@ class Case:
         ``"lucent"`` (fracture line), ``"sclerotic"`` (insufficiency fracture,
         sclerotic band) or ``None``.
     fracture_site
-        ``"shaft"`` or ``"metaphysis"`` (``None`` without fracture).
+        ``"shaft"``, ``"metaphysis"`` or ``"physeal"`` (at the level of the
+        growth plate or its scar); ``None`` without fracture.
     fracture_incomplete
         The lucent line crosses only part of the bone from one cortex.
     fracture_gap_mm, fracture_angle_deg, displacement_mm, band_mm
@@ -262,15 +263,23 @@ def sample_case(
         if age >= 50.0:
             p_scl = float(np.clip((1.0 - bmd) / 0.35, 0.0, 1.0)) * 0.65
         kind = "sclerotic" if rng.random() < p_scl else "lucent"
-        site = "metaphysis" if rng.random() < 0.5 else "shaft"
         if kind == "lucent":
-            incomplete = bool(rng.random() < (0.3 if age < 18.0 else 0.15))
-            gap = float(rng.uniform(0.5, 2.0))
-            transverse = rng.random() < 0.45
-            angle = float(rng.uniform(-10.0, 10.0) if transverse else rng.uniform(-45.0, 45.0))
+            # "physeal": at the level of the growth plate (or its scar), where
+            # a transverse fracture looks most like an open physis.
+            draw = rng.random()
+            site = "physeal" if draw < 0.15 else ("metaphysis" if draw < 0.55 else "shaft")
+            incomplete = site != "physeal" and bool(rng.random() < (0.3 if age < 18.0 else 0.15))
+            if site == "physeal":
+                gap = float(rng.uniform(1.0, 2.5))
+                angle = float(rng.uniform(-8.0, 8.0))
+            else:
+                gap = float(rng.uniform(0.5, 2.0))
+                transverse = rng.random() < 0.45
+                angle = float(rng.uniform(-10.0, 10.0) if transverse else rng.uniform(-45.0, 45.0))
             displacement = 0.0 if rng.random() < 0.5 else float(rng.uniform(0.3, 3.0))
         else:
-            band = float(rng.uniform(2.0, 5.0))
+            site = "metaphysis" if rng.random() < 0.6 else "shaft"
+            band = float(rng.uniform(1.5, 4.5))
             angle = float(rng.uniform(-15.0, 15.0))
 
     low, high = field_range_mm
@@ -347,7 +356,7 @@ def _oriented_texture(
 
     Trabeculae in long bones run mostly along the axis, so the texture's
     correlation length is longer along the axis (~6-10 mm) than across it
-    (~1.5-3 mm).
+    (~1.7-2.5 mm).
     """
     white = rng.standard_normal(shape, dtype=np.float32)
     fy = np.fft.fftfreq(shape[0], d=px).astype(np.float32)[:, None]
@@ -356,9 +365,9 @@ def _oriented_texture(
     c, s = math.cos(theta), math.sin(theta)
     fu = fy * c + fx * s
     fv = -fy * s + fx * c
-    rho = np.sqrt((fu * 3.5) ** 2 + fv**2)
-    f0 = rng.uniform(0.3, 0.45)  # cycles/mm across the axis
-    kernel = np.exp(-(((rho - f0) / 0.15) ** 2)) * (1.0 - np.exp(-((rho / 0.08) ** 2)))
+    rho = np.sqrt((fu * 3.0) ** 2 + fv**2)
+    f0 = rng.uniform(0.4, 0.6)  # cycles/mm across the axis
+    kernel = np.exp(-(((rho - f0) / 0.2) ** 2)) * (1.0 - np.exp(-((rho / 0.08) ** 2)))
     tex = np.fft.irfft2(np.fft.rfft2(white) * kernel.astype(np.complex64), s=shape)
     tex = tex.astype(np.float32)
     return tex / max(float(tex.std()), 1e-6)
@@ -459,7 +468,7 @@ def render(case: Case, rng: np.random.Generator) -> Rendered:
     # contrast of the trabecular pattern.
     mu_cortex = 1.35 * (0.55 + 0.45 * bmd) * contrast
     mu_trab = 0.55 * bmd**1.5 * contrast
-    tex_amp = 0.35 + 0.35 * min(bmd, 1.3)
+    tex_amp = 0.25 + 0.25 * min(bmd, 1.3)
 
     bone_att = np.zeros(shape, np.float32)
     truth_mask: np.ndarray | None = None
@@ -524,7 +533,7 @@ def _place_bones(
     half_len = height / 2 / max(math.cos(theta), 0.5)
     length = rng.uniform(1.1, 1.6) * max(height, 200.0)
     # Which end of the first bone is inside (or just outside) the field.
-    if case.fracture_site == "metaphysis":
+    if case.fracture_site in ("metaphysis", "physeal"):
         which = ("lo", "hi")[int(rng.integers(2))]
     else:
         which = str(rng.choice(["none", "lo", "hi"], p=[0.3, 0.35, 0.35]))
@@ -587,10 +596,13 @@ def _place_fracture(
     for attempt in range(200):
         index = 0 if (len(bones) == 1 or rng.random() < 0.65) else 1
         bone = bones[index]
-        if site == "metaphysis" and attempt < 150:
+        if site in ("metaphysis", "physeal") and attempt < 150:
             # Between the physis and ~30 mm into the metaphysis: where the
-            # physis and growth-arrest lines are.
-            depth = bone.epi_len + rng.uniform(1.0, 30.0)
+            # physis and growth-arrest lines are; or right at the physis level.
+            if site == "physeal":
+                depth = bone.epi_len + rng.uniform(-1.0, 3.0)
+            else:
+                depth = bone.epi_len + rng.uniform(1.0, 30.0)
             uf = bone.u_hi - depth if rng.random() < 0.5 else bone.u_lo + depth
         else:
             uf = rng.uniform(-lim_y - 40, lim_y + 40)
@@ -697,7 +709,7 @@ def _render_bone(
             if win is None:
                 continue
             pos = at + _wiggle(rng, dv[win], 0.3, (5.0, 15.0))
-            m = _band(end_d[win] - pos, rng.uniform(0.2, 0.75), px)
+            m = _band(end_d[win] - pos, rng.uniform(0.25, 1.0), px)
             gain = rng.uniform(0.8, 2.0) * mu_trab / max(case.bmd, 0.5) ** 0.5
             medulla[win] += m * medulla_path[win] * gain
             cortex[win] *= 1.0 + 0.15 * m
@@ -758,7 +770,7 @@ def _apply_fracture(
             side = 1.0 if rng.random() < 0.5 else -1.0
             cut = bone.radius * rng.uniform(-0.4, 0.3)
             m = m * np.clip((side * dv_w - cut) / px, 0.0, 1.0)
-        depth = rng.uniform(0.55, 0.95)
+        depth = rng.uniform(0.4, 0.95)
         keep = 1.0 - depth * m
         medulla[win] *= keep
         cortex[win] *= keep
