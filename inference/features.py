@@ -32,6 +32,7 @@ class Metadata:
     pixel_spacing_mm: tuple[float, float] | None  # (row, column)
     spacing_source: str | None
     view_position: str | None
+    slice_thickness_mm: float | None
     modality: str
     body_part: str | None
     missing: tuple[str, ...] = field(default=())
@@ -126,6 +127,12 @@ def extract_metadata(ds: Dataset) -> Metadata:
     sex = patient_sex(ds)
     spacing, spacing_source = pixel_spacing(ds)
     view = str(ds.get("ViewPosition", "") or "").strip().upper() or None
+    try:
+        thickness: float | None = float(ds.get("SliceThickness"))
+        if not 0.05 <= thickness <= 50:
+            thickness = None
+    except (TypeError, ValueError):
+        thickness = None
     missing = []
     if age is None:
         missing.append("age")
@@ -133,6 +140,8 @@ def extract_metadata(ds: Dataset) -> Metadata:
         missing.append("sex")
     if spacing is None:
         missing.append("pixel_spacing")
+    if thickness is None and "SliceThickness" in ds:
+        missing.append("slice_thickness")
     return Metadata(
         age_years=age,
         age_source=age_source,
@@ -140,6 +149,7 @@ def extract_metadata(ds: Dataset) -> Metadata:
         pixel_spacing_mm=spacing,
         spacing_source=spacing_source,
         view_position=view,
+        slice_thickness_mm=thickness,
         modality=str(ds.get("Modality", "") or "").strip().upper(),
         body_part=str(ds.get("BodyPartExamined", "") or "").strip().upper() or None,
         missing=tuple(missing),
@@ -192,11 +202,20 @@ FEATURES: dict[str, Feature] = {
             "0.0 (both sex inputs 0 for O or missing)",
             lambda m: 1.0 if m.sex == "F" else 0.0,
         ),
+        Feature(
+            "slice_thickness",
+            ("SliceThickness",),
+            "SliceThickness in mm / 10, clipped to [0, 1]",
+            "0.5 (5 mm, the usual routine thickness)",
+            lambda m: 0.5 if m.slice_thickness_mm is None
+            else min(m.slice_thickness_mm, 10.0) / 10.0,
+        ),
     )
 }
 
 # Which Metadata.missing entry a feature depends on.
-FEATURE_NEEDS = {"age_years": "age", "age_known": None, "sex_male": "sex", "sex_female": "sex"}
+FEATURE_NEEDS = {"age_years": "age", "age_known": None, "sex_male": "sex", "sex_female": "sex",
+                 "slice_thickness": "slice_thickness"}
 
 
 def feature_vector(meta: Metadata, names: tuple[str, ...]) -> list[float]:

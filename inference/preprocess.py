@@ -49,7 +49,7 @@ class Geometry:
 
 @dataclass(frozen=True)
 class PreparedImage:
-    pixels: np.ndarray  # (rows, cols) float32 in [0, 1]
+    pixels: np.ndarray  # (rows, cols) or (rows, cols, channels) float32 in [0, 1]
     geometry: Geometry
     notes: tuple[str, ...]  # policies applied, e.g. missing spacing
 
@@ -104,6 +104,52 @@ def fit_canvas(
     return PreparedImage(out, geometry, tuple(notes))
 
 
+def _model_input(image: PreparedImage, meta: Metadata, names: tuple[str, ...]) -> ModelInput:
+    """Features in the card's order, and which of the metadata they need was missing."""
+    features = np.asarray(feature_vector(meta, names), np.float32)
+    wanted = {FEATURE_NEEDS.get(name) for name in names}
+    missing = tuple(m for m in meta.missing if m in wanted or m == "pixel_spacing")
+    return ModelInput(image, meta, features, missing)
+
+
+def hu_windows(hu: np.ndarray, windows: tuple[tuple[float, float], ...]) -> np.ndarray:
+    """Hounsfield units to one [0, 1] channel per (centre, width) window."""
+    out = np.empty((*hu.shape, len(windows)), np.float32)
+    for i, (centre, width) in enumerate(windows):
+        out[..., i] = np.clip((hu - (centre - width / 2.0)) / width, 0.0, 1.0)
+    return out
+
+
+def prepare_ct_slice(
+    ds: Dataset,
+    *,
+    canvas: tuple[int, int],
+    target_mm: float,
+    windows: tuple[tuple[float, float], ...],
+    feature_names: tuple[str, ...],
+    max_pixel_bytes: int = DEFAULT_MAX_PIXEL_BYTES,
+) -> ModelInput:
+    """One CT slice: Hounsfield units (Modality LUT), fixed windows as channels.
+
+    The VOI window stored in the image is ignored: it varies by site and
+    scanner, whereas the model was trained on fixed HU windows.
+    """
+    from pydicom.pixels import apply_modality_lut
+
+    meta = extract_metadata(ds)
+    stored = decode_frame(ds, 0, max_pixel_bytes)
+    hu = np.asarray(apply_modality_lut(stored, ds), np.float32)
+    pad = ds.get("PixelPaddingValue")
+    if pad is not None and not isinstance(pad, bytes):
+        hu[stored == int(pad)] = -1024.0  # outside the reconstruction circle: air
+    channels = hu_windows(hu, windows)
+    planes = [fit_canvas(channels[..., i], meta.pixel_spacing_mm, target_mm, canvas)
+              for i in range(len(windows))]
+    pixels = np.stack([p.pixels for p in planes], axis=-1)
+    image = PreparedImage(pixels, planes[0].geometry, planes[0].notes)
+    return _model_input(image, meta, feature_names)
+
+
 def prepare_radiograph(
     ds: Dataset,
     *,
@@ -118,7 +164,4 @@ def prepare_radiograph(
     stored = decode_frame(ds, frame, max_pixel_bytes)
     display, _ = to_presentation(stored, ds)
     image = fit_canvas(display, meta.pixel_spacing_mm, target_mm, canvas)
-    features = np.asarray(feature_vector(meta, feature_names), np.float32)
-    wanted = {FEATURE_NEEDS.get(name) for name in feature_names}
-    missing = tuple(m for m in meta.missing if m in wanted or m == "pixel_spacing")
-    return ModelInput(image, meta, features, missing)
+    return _model_input(image, meta, feature_names)
