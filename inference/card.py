@@ -35,6 +35,9 @@ class ImageInput:
     shape: tuple[int, int, int]
     pixel_spacing_mm: float
     preprocessing: str
+    # CT: fixed Hounsfield windows (centre, width), one per channel; None for
+    # radiographs, which use the image's own VOI.
+    windows: tuple[tuple[float, float], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -116,8 +119,18 @@ class ModelCard:
         spacing = float(img.get("pixel_spacing_mm", (int, float)))
         if not 0.01 <= spacing <= 20:
             raise CardError(f"{img.where}: 'pixel_spacing_mm' out of range: {spacing}")
+        windows = None
+        if "windows" in img.data:
+            raw = img.get("windows", list)
+            ok = all(isinstance(w, list) and len(w) == 2 and w[1] > 0 for w in raw)
+            if not ok or len(raw) != shape[2]:
+                raise CardError(
+                    f"{img.where}: 'windows' must list one [centre, width] per channel"
+                )
+            windows = tuple((float(c), float(w)) for c, w in raw)
         image = ImageInput(
-            img.get("name", str), tuple(shape), spacing, img.opt("preprocessing", str, "")
+            img.get("name", str), tuple(shape), spacing, img.opt("preprocessing", str, ""),
+            windows,
         )
         metadata = None
         if "metadata" in inputs.data:

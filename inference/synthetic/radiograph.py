@@ -63,6 +63,8 @@ BODY_PARTS: dict[str, float] = {"FOREARM": 0.45, "LEG": 0.35, "ARM": 0.20}
 _WORK_MM = 0.25
 # Grid for the large-kernel "for presentation" processing (mm).
 _COARSE_MM = 2.0
+# Grid of the trabecular texture (mm).
+_TEXTURE_MM = 0.5
 _MAX_STORED = 4095  # 12 bits stored
 
 
@@ -461,7 +463,10 @@ def render(case: Case, rng: np.random.Generator) -> Rendered:
     if frac is not None:
         details.update({k: frac[k] for k in ("site", "bone", "u")})
 
-    texture = _oriented_texture(rng, shape, px, theta)
+    # Trabecular texture on a fixed 0.5 mm grid (its pass band ends below
+    # 1 cycle/mm), so that it is the same at every output spacing.
+    tex_shape = (max(round(height / _TEXTURE_MM), 8), max(round(width / _TEXTURE_MM), 8))
+    texture = _resize(_oriented_texture(rng, tex_shape, _TEXTURE_MM, theta), shape)
     bmd, contrast = case.bmd, case.contrast
     # Excess attenuation over soft tissue per mm (soft tissue = 1.0 per mm,
     # scaled later): cortex and trabecular bone; density raises both and the
@@ -471,16 +476,28 @@ def render(case: Case, rng: np.random.Generator) -> Rendered:
     tex_amp = 0.25 + 0.25 * min(bmd, 1.3)
 
     bone_att = np.zeros(shape, np.float32)
-    truth_mask: np.ndarray | None = None
+    box = None
+    scale = (out_shape[0] / shape[0], out_shape[1] / shape[1])
     for index, bone in enumerate(bones):
+        # Each bone is computed only within its bounding window.
+        win = _bone_window(bone, u, v)
+        if win is None:
+            continue
         fractured = frac is not None and frac["bone"] == index
         att, fmask = _render_bone(
-            case, rng, bone, u, v, texture, px, mu_cortex, mu_trab, tex_amp,
+            case,
+            rng,
+            bone,
+            u[win],
+            v[win],
+            texture[win],
+            px,
+            (mu_cortex, mu_trab, tex_amp),
             frac if fractured else None,
         )
-        bone_att += att
+        bone_att[win] += att
         if fmask is not None:
-            truth_mask = fmask
+            box = _mask_box(fmask, scale, (win[0].start, win[1].start))
     bone_att += _render_joint_partners(rng, bones, u, v, mu_cortex, mu_trab, texture, tex_amp)
 
     soft = _render_soft_tissue(case, rng, bones, u, v, shape, px)
@@ -490,17 +507,17 @@ def render(case: Case, rng: np.random.Generator) -> Rendered:
         # Detector blur (~0.15 mm): a 1-2-1 kernel on the work grid.
         atten = _blur121(atten)
     processed, sigma = _present(case, rng, atten, (wy, wx))
+    value, sigma, window = _tone_map(case, rng, processed, sigma)
 
     # To the output grid, then per-pixel quantum noise.
-    processed = _resize(processed, out_shape)
+    value = _resize(value, out_shape)
     sigma = _resize(sigma, out_shape)
-    noise = rng.standard_normal(out_shape, dtype=np.float32)
-    processed += sigma * noise
-
-    stored, window = _to_stored(case, rng, processed)
-    box = None
-    if truth_mask is not None:
-        box = _mask_box(truth_mask, (out_shape[0] / shape[0], out_shape[1] / shape[1]))
+    value += sigma * rng.standard_normal(out_shape, dtype=np.float32)
+    stored = np.clip(np.rint(value), 0, _MAX_STORED).astype(np.uint16)
+    if case.photometric == "MONOCHROME1":
+        # Inverted: white (bone) is the minimum stored value.
+        np.subtract(_MAX_STORED, stored, out=stored)
+        window = (_MAX_STORED - window[0], window[1])
     details["theta_deg"] = math.degrees(theta)
     return Rendered(
         stored=stored,
@@ -510,6 +527,24 @@ def render(case: Case, rng: np.random.Generator) -> Rendered:
         truth_box=box,
         case=case,
         details=details,
+    )
+
+
+def _bone_window(bone: _Bone, u: np.ndarray, v: np.ndarray) -> tuple[slice, slice] | None:
+    """Work-grid window holding a bone (with room for flare, step-off and the tip cap)."""
+    step = 8
+    us, vs = u[::step, ::step], v[::step, ::step]
+    reach = bone.radius * (1 + bone.flare) + 8.0
+    inside = (
+        (np.abs(vs - bone.centre(us)) < reach) & (us > bone.u_lo - 8.0) & (us < bone.u_hi + 8.0)
+    )
+    win = _window_slices(inside, 1)
+    if win is None:
+        return None
+    n_r, n_c = u.shape
+    return (
+        slice(win[0].start * step, min(win[0].stop * step, n_r)),
+        slice(win[1].start * step, min(win[1].stop * step, n_c)),
     )
 
 
@@ -627,12 +662,15 @@ def _render_bone(
     v: np.ndarray,
     texture: np.ndarray,
     px: float,
-    mu_cortex: float,
-    mu_trab: float,
-    tex_amp: float,
+    mu: tuple[float, float, float],
     frac: dict[str, object] | None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Excess attenuation of one bone (and its fracture mask, if fractured)."""
+    """Excess attenuation of one bone (and its fracture mask, if fractured).
+
+    ``u``, ``v`` and ``texture`` cover the bone's window; ``mu`` holds the
+    cortical and trabecular attenuation and the texture amplitude.
+    """
+    mu_cortex, mu_trab, tex_amp = mu
     centre = bone.centre(u)
     dv = v - centre
     s_frac = None
@@ -874,40 +912,48 @@ def _present(
     return processed, sigma.astype(np.float32)
 
 
-def _to_stored(
-    case: Case, rng: np.random.Generator, processed: np.ndarray
-) -> tuple[np.ndarray, tuple[float, float]]:
-    """Tone mapping to 12-bit stored values and a VOI window covering the useful range."""
+def _tone_map(
+    case: Case, rng: np.random.Generator, processed: np.ndarray, sigma: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """Tone curve to 12-bit values, the noise SD in those units, and a VOI window.
+
+    Done on the work grid (before upsampling) because it is smooth; the
+    window covers air to the densest bone with some jitter, as a vendor's
+    default window does.
+    """
     sample = processed[::4, ::4]
     p_lo, p_hi = (float(x) for x in np.percentile(sample, [1.0, 99.8]))
-    y = (processed - p_lo) / max(p_hi - p_lo, 1e-6)
-    # A mild S-curve, as in vendor look-up tables.
+    span = max(p_hi - p_lo, 1e-6)
+    y = np.clip((processed - p_lo) / span, 0.0, 1.2)
+    # A mild power curve, as in vendor look-up tables.
     gamma = rng.uniform(0.85, 1.15)
-    y = np.clip(y, 0.0, 1.2) ** gamma
     offset = rng.uniform(0.04, 0.12)
     gain = rng.uniform(0.7, 0.85)
-    value = (offset + gain * y) * _MAX_STORED
+    curve = y**gamma
+    value = (offset + gain * curve) * _MAX_STORED
+    slope = gain * _MAX_STORED * gamma * np.maximum(y, 0.05) ** (gamma - 1.0) / span
     center = (offset + gain * rng.uniform(0.42, 0.56)) * _MAX_STORED
     width = gain * rng.uniform(0.95, 1.2) * _MAX_STORED
-    stored = np.clip(np.rint(value), 0, _MAX_STORED).astype(np.uint16)
-    if case.photometric == "MONOCHROME1":
-        # Inverted: white (bone) is the minimum stored value.
-        stored = (_MAX_STORED - stored).astype(np.uint16)
-        center = _MAX_STORED - center
-    return stored, (round(float(center), 1), round(float(width), 1))
+    window = (round(float(center), 1), round(float(width), 1))
+    return value.astype(np.float32), (sigma * slope).astype(np.float32), window
 
 
 def _mask_box(
-    mask: np.ndarray, scale: tuple[float, float]
+    mask: np.ndarray, scale: tuple[float, float], origin: tuple[int, int]
 ) -> tuple[float, float, float, float] | None:
-    """Bounding box of a work-grid mask in continuous output pixel coordinates."""
+    """Bounding box of a window mask in continuous output pixel coordinates.
+
+    ``origin`` is the window's top-left work-grid pixel, ``scale`` the
+    output pixels per work pixel.
+    """
     rows = np.flatnonzero(mask.any(axis=1))
     if rows.size == 0:
         return None
     cols = np.flatnonzero(mask.any(axis=0))
+    r0, c0 = origin
     return (
-        float(rows[0] * scale[0]),
-        float(cols[0] * scale[1]),
-        float((rows[-1] + 1) * scale[0]),
-        float((cols[-1] + 1) * scale[1]),
+        float((r0 + rows[0]) * scale[0]),
+        float((c0 + cols[0]) * scale[1]),
+        float((r0 + rows[-1] + 1) * scale[0]),
+        float((c0 + cols[-1] + 1) * scale[1]),
     )
