@@ -73,6 +73,10 @@ class ModelCard:
     finding: Code
     finding_site: Code | None
     threshold: float
+    # Series-level models: threshold on the maximum slice probability, and the
+    # heatmap level that counts a cell into the finding's volume.
+    series_threshold: float | None = None
+    volume_heatmap_threshold: float | None = None
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -153,6 +157,16 @@ class ModelCard:
         if not 0.0 < threshold < 1.0:
             raise CardError(f"{r.where}: 'threshold' must be between 0 and 1")
         site = r.sub("finding_site").code() if "finding_site" in r.data else None
+        series_threshold = None
+        if "series_threshold" in r.data:
+            series_threshold = float(r.get("series_threshold", (int, float)))
+            if not 0.0 < series_threshold < 1.0:
+                raise CardError(f"{r.where}: 'series_threshold' must be between 0 and 1")
+        volume_level = None
+        if "volume" in r.data:
+            volume_level = float(r.sub("volume").get("heatmap_threshold", (int, float)))
+        if level == "series" and heat_name is None:
+            raise CardError(f"{r.where}: a series-level model needs a 'heatmap' output")
         return cls(
             folder=folder,
             id=_identifier(r.get("id", str), r.where),
@@ -171,6 +185,8 @@ class ModelCard:
             finding=r.sub("finding").code(),
             finding_site=site,
             threshold=threshold,
+            series_threshold=series_threshold,
+            volume_heatmap_threshold=volume_level,
             training=r.opt("training", dict, {}),
             metrics=r.opt("metrics", dict, {}),
             raw=data,

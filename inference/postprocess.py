@@ -43,6 +43,7 @@ class Finding:
     probability: float
     threshold: float
     region: Region | None  # where, when the model located it and it is positive
+    volume_ml: float | None = None  # series-level findings: estimated volume
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.probability <= 1.0:

@@ -36,6 +36,8 @@ from .uids import derived_uid
 MANUFACTURER = "orthanc-ai"
 SR_SERIES_NUMBER = 9901
 UNIT_NONE = CodedConcept("1", "UCUM", "no units")
+UNIT_ML = CodedConcept("mL", "UCUM", "milliliter")
+VOLUME = CodedConcept("118565006", "SCT", "Volume")
 PROBABILITY = CodedConcept("122157", "DCM", "Probability")
 PLAIN_RADIOGRAPHY = CodedConcept("168537006", "SCT", "Plain radiography")
 CT_PROCEDURE = CodedConcept("77477000", "SCT", "CT")
@@ -76,13 +78,23 @@ def build_sr(
     *,
     missing_inputs: Sequence[str] = (),
     now: dt.datetime | None = None,
+    uids: tuple[str, str] | None = None,
+    predecessor: Dataset | None = None,
+    notes: Sequence[str] = (),
 ) -> hd.sr.Comprehensive3DSR:
-    """The SR for one source image and one model's findings on it."""
+    """The SR for one source image (or key slice) and one model's findings on it.
+
+    ``uids`` overrides the (series, SOP instance) UIDs, e.g. for a series-level
+    result keyed by its set of slices; ``predecessor`` is the SR this one
+    revises (PS3.3 C.17.2.3, Predecessor Documents Sequence).
+    """
     if not findings:
         raise ValueError("at least one finding (positive or negative) is required")
-    series_uid, sop_uid = sr_uids(source, card)
+    series_uid, sop_uid = uids or sr_uids(source, card)
     header = _header_only(source)
-    parameters = [f"missing input: {m}" for m in missing_inputs] or None
+    parameters = [f"missing input: {m}" for m in missing_inputs] + [
+        f"note: {n}" for n in notes
+    ] or None
     algorithm = hd.sr.AlgorithmIdentification(
         name=card.name, version=card.version, parameters=parameters, manufacturer=MANUFACTURER
     )
@@ -105,12 +117,17 @@ def build_sr(
             uid=derived_uid("orthanc-ai/tracking", sop_uid, str(index)),
             identifier=f"{card.id} finding {index}",
         )
-        measurement = hd.sr.Measurement(
+        measurements = [hd.sr.Measurement(
             name=PROBABILITY,
             value=round(finding.probability, 6),
             unit=UNIT_NONE,
             algorithm_id=algorithm,
-        )
+        )]
+        if finding.volume_ml is not None:
+            measurements.append(hd.sr.Measurement(
+                name=VOLUME, value=round(finding.volume_ml, 3), unit=UNIT_ML,
+                algorithm_id=algorithm,
+            ))
         presence = hd.sr.QualitativeEvaluation(
             name=finding_type,
             value=codes.SCT.Present if finding.positive else codes.SCT.Absent,
@@ -128,7 +145,7 @@ def build_sr(
                     finding_type=finding_type,
                     algorithm_id=algorithm,
                     finding_sites=sites,
-                    measurements=[measurement],
+                    measurements=measurements,
                     qualitative_evaluations=[presence],
                 )
             )
@@ -139,7 +156,7 @@ def build_sr(
                     finding_type=finding_type,
                     algorithm_id=algorithm,
                     finding_sites=sites,
-                    measurements=[measurement],
+                    measurements=measurements,
                     qualitative_evaluations=[presence],
                     source_images=[hd.sr.SourceImageForMeasurementGroup(sop_class, src_uid)],
                 )
@@ -170,6 +187,7 @@ def build_sr(
         instance_number=int(source.get("InstanceNumber", 1) or 1),
         manufacturer=MANUFACTURER,
         is_complete=True,
+        previous_versions=[_header_only(predecessor)] if predecessor is not None else None,
         series_description=f"AI {card.name} {card.version}"[:64],
         manufacturer_model_name=card.id[:64],
         software_versions=card.version[:64],

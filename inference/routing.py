@@ -218,6 +218,20 @@ class Router:
         self.cards = cards
         self.exclude_by_default = exclude_by_default
 
+    def wants(self, modality: str, level: str) -> bool:
+        """Could any run rule send an image of this modality to a model of this level?
+
+        Lets the plugin decide from Orthanc's index, before downloading a file.
+        """
+        modality = modality.strip().upper()
+        return any(
+            rule.action == "run"
+            and rule.model in self.cards
+            and self.cards[rule.model].accepts.level == level
+            and modality in rule.modality
+            for rule in self.rules
+        )
+
     def route(self, ds: Dataset, level: str = "instance") -> list[ModelCard]:
         """Models to run on this image; SkipInput with the reason when none."""
         if self.exclude_by_default:

@@ -61,6 +61,8 @@ def _on_change(change_type: int, level: int, resource_id: str) -> None:
             return
         if change_type == orthanc.ChangeType.ORTHANC_STARTED:
             _service.start()
+        elif change_type == orthanc.ChangeType.STABLE_SERIES:
+            _service.enqueue_series(resource_id)
         elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
             _service.stop()
     except Exception:

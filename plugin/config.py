@@ -35,6 +35,7 @@ class AIConfig:
     http_timeout_seconds: float = 60.0
     max_attempts: int = 3
     retry_backoff_seconds: float = 5.0
+    batch_size: int = 8  # slices of a volume per model call
     # AI.Routing: {"ExcludeByDefault": bool, "Rules": [...]}; None = card defaults
     routing_rules: tuple[Rule, ...] | None = None
     exclude_by_default: bool = True
@@ -58,6 +59,7 @@ _KEYS = {
     "HttpTimeoutSeconds": "http_timeout_seconds",
     "MaxAttempts": "max_attempts",
     "RetryBackoffSeconds": "retry_backoff_seconds",
+    "BatchSize": "batch_size",
     "Routing": "routing_rules",
 }
 _SPECIAL = {"routing_rules", "exclude_by_default"}

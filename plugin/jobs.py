@@ -56,6 +56,7 @@ CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 @dataclass(frozen=True)
 class Job:
     id: int
+    key: str
     instance: str
     study: str | None
     series: str | None
@@ -75,7 +76,8 @@ class Job:
             "state": self.state,
             "model": self.model or None,
             "model_version": self.model_version or None,
-            "instance": self.instance,
+            "level": "instance" if self.instance else "series",
+            "instance": self.instance or None,
             "study": self.study,
             "series": self.series,
             "attempts": self.attempts,
@@ -129,6 +131,7 @@ class SqliteJobStore:
     def _job(row: sqlite3.Row) -> Job:
         return Job(
             id=row["id"],
+            key=row["job_key"],
             instance=row["instance"],
             study=row["study"],
             series=row["series"],
@@ -163,15 +166,20 @@ class SqliteJobStore:
         version: str = "",
         state: str = "queued",
         reason: str | None = None,
+        key: str | None = None,
     ) -> Job | None:
-        """Create a job unless its key exists; returns the new job or None."""
+        """Create a job unless its key exists; returns the new job or None.
+
+        Instance jobs are keyed by (instance, model, version); series jobs pass
+        ``instance=""`` and a ``key`` naming the series and its set of slices.
+        """
         now = time.time()
         with self._tx() as db:
             cur = db.execute(
                 "INSERT OR IGNORE INTO jobs (job_key, instance, study, series, model,"
                 " model_version, state, reason, created, updated)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job_key(instance, model, version), instance, study, series, model, version,
+                (key or job_key(instance, model, version), instance, study, series, model, version,
                  state, reason, now, now),
             )
             if cur.rowcount == 0:
@@ -237,6 +245,10 @@ class SqliteJobStore:
         row = self._conn().execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
         return self._job(row) if row else None
 
+    def get_by_key(self, key: str) -> Job | None:
+        row = self._conn().execute("SELECT * FROM jobs WHERE job_key=?", (key,)).fetchone()
+        return self._job(row) if row else None
+
     def for_instance(self, instance: str) -> list[Job]:
         rows = self._conn().execute(
             "SELECT * FROM jobs WHERE instance=? ORDER BY id", (instance,)
@@ -250,12 +262,13 @@ class SqliteJobStore:
         study: str | None = None,
         model: str | None = None,
         instance: str | None = None,
+        series: str | None = None,
         since_id: int = 0,
         limit: int = 1000,
     ) -> list[Job]:
         where, args = ["id > ?"], [since_id]
         for column, value in (("state", state), ("study", study), ("model", model),
-                              ("instance", instance)):
+                              ("instance", instance), ("series", series)):
             if value is not None:
                 where.append(f"{column} = ?")
                 args.append(value)

@@ -53,6 +53,7 @@ class Api:
             study=query.get("study"),
             model=query.get("model"),
             instance=query.get("instance"),
+            series=query.get("series"),
             since_id=since,
             limit=limit,
         )

@@ -37,6 +37,7 @@ from .config import AIConfig
 from .jobs import Job, SqliteJobStore
 from .metrics import Metrics
 from .orthanc_http import InstanceGone, OrthancClient
+from .series import analyse_series, triage_series
 
 log = logging.getLogger("orthanc_ai")
 
@@ -98,7 +99,8 @@ class Service:
         self.client = client
         self.registry = registry
         self.backend = backend
-        self._inbox: queue.Queue[tuple[str, float]] = queue.Queue()
+        # ("instance" | "series", Orthanc ID, time queued)
+        self._inbox: queue.Queue[tuple[str, str, float]] = queue.Queue()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._ready = threading.Event()
@@ -108,7 +110,11 @@ class Service:
     # -- called from Orthanc callbacks: must be quick and never raise -------
 
     def enqueue(self, instance_id: str) -> None:
-        self._inbox.put((instance_id, time.time()))
+        self._inbox.put(("instance", instance_id, time.time()))
+
+    def enqueue_series(self, series_id: str) -> None:
+        """A series became stable (Orthanc's StableAge passed without new instances)."""
+        self._inbox.put(("series", series_id, time.time()))
 
     # -- life cycle ------------------------------------------------------------
 
@@ -158,10 +164,13 @@ class Service:
                     self.run_job(job)
                     continue
                 try:
-                    instance_id, queued_at = self._inbox.get(timeout=0.2)
+                    kind, resource, queued_at = self._inbox.get(timeout=0.2)
                 except queue.Empty:
                     continue
-                self.triage(instance_id, queued_at)
+                if kind == "series":
+                    triage_series(self, resource)
+                else:
+                    self.triage(resource, queued_at)
             except Exception:  # the loop itself must survive anything
                 log.exception("orthanc-ai: worker error")
                 time.sleep(1.0)
@@ -172,19 +181,20 @@ class Service:
         yield
         self.metrics.stage_seconds.labels(name).observe(time.perf_counter() - t0)
 
-    def _locate(self, instance_id: str) -> tuple[dict[str, Any], str, str]:
-        """Orthanc's record of an instance, its series and study IDs."""
+    def _locate(self, instance_id: str) -> tuple[dict[str, Any], str, str, str]:
+        """Orthanc's record of an instance, its study and series IDs, and Modality."""
         info = self.client.instance(instance_id)
-        series = info["ParentSeries"]
-        study = self.client.get_json(f"/series/{series}")["ParentStudy"]
-        return info, study, series
+        series_id = info["ParentSeries"]
+        series = self.client.get_json(f"/series/{series_id}")
+        modality = str(series.get("MainDicomTags", {}).get("Modality", ""))
+        return info, series["ParentStudy"], series_id, modality
 
     def _fetch(
         self, instance_id: str, queued_at: float, located: tuple | None = None
     ) -> Stored:
         """Download and parse one instance, refusing oversized files first."""
         with self._stage("fetch"):
-            info, study, series = located or self._locate(instance_id)
+            info, study, series, _ = located or self._locate(instance_id)
             size = int(info.get("FileSize", 0) or 0)
             if size > self.config.max_instance_bytes:
                 raise BadInput(
@@ -213,10 +223,10 @@ class Service:
             return
         except TransientError as exc:
             log.warning("orthanc-ai: triage of an instance postponed: %s", exc.reason)
-            self._inbox.put((instance_id, queued_at))
+            self._inbox.put(("instance", instance_id, queued_at))
             time.sleep(1.0)
             return
-        _, study, series = located
+        _, study, series, modality = located
         sop_class = meta.get("SopClassUid", "")
         try:
             reason = non_image_reason(sop_class)
@@ -224,6 +234,10 @@ class Service:
                 if self._is_own_output(instance_id, sop_class):
                     return
                 raise SkipInput(reason)
+            if not self.router.wants(modality, "instance"):
+                if self.router.wants(modality, "series"):
+                    return  # a slice of a volume: its series job reports on it
+                raise SkipInput(f"no rule matched (Modality {modality or 'missing'})")
             stored = self._fetch(instance_id, queued_at, located)
             ds = stored.dataset
             if "PixelData" not in ds:
@@ -257,9 +271,12 @@ class Service:
             card = self.registry.cards.get(job.model)
             if card is None or card.version != job.model_version:
                 raise BadInput(f"model {job.model} {job.model_version} is not loaded")
-            if stored is None:
-                stored = self._fetch(job.instance, job.created)
-            result = self._analyse(card, stored)
+            if not job.instance:
+                result = analyse_series(self, job, card)
+            else:
+                if stored is None:
+                    stored = self._fetch(job.instance, job.created)
+                result = self._analyse(card, stored)
         except TransientError as exc:
             self._retry_or_give_up(job, exc.reason)
             return
@@ -275,7 +292,8 @@ class Service:
             return
         self.store.finish(job.id, "done", result=result)
         self.metrics.finished.labels("done").inc()
-        self.metrics.end_to_end.observe(max(0.0, time.time() - stored.queued_at))
+        queued_at = stored.queued_at if stored is not None else job.created
+        self.metrics.end_to_end.observe(max(0.0, time.time() - queued_at))
 
     def _retry_or_give_up(self, job: Job, reason: str) -> None:
         if job.attempts >= self.config.max_attempts:

@@ -39,7 +39,7 @@ def test_install_registers_callbacks_and_routes(load_adapter, tmp_path):
 def test_stored_instance_callback_only_enqueues(load_adapter, tmp_path):
     stub, adapter = load_adapter({"ModelsDirectory": str(tmp_path)})
     stub.stored_callbacks[0](object(), "instance-1")
-    assert adapter._service._inbox.get_nowait()[0] == "instance-1"
+    assert adapter._service._inbox.get_nowait()[:2] == ("instance", "instance-1")
     assert adapter._service.store.counts()["queued"] == 0  # no work done in the callback
 
 
@@ -77,3 +77,9 @@ def test_rest_routes_answer_json_and_check_method(load_adapter, tmp_path):
     out = RestOutput()
     stub.rest_callbacks["/ai/metrics"](out, "/ai/metrics", method="GET", get={})
     assert b"orthanc_ai_queue_depth" in out.body
+
+
+def test_stable_series_is_queued_for_series_models(load_adapter, tmp_path):
+    stub, adapter = load_adapter({"ModelsDirectory": str(tmp_path)})
+    stub.change_callbacks[0](stub.ChangeType.STABLE_SERIES, 0, "series-1")
+    assert adapter._service._inbox.get_nowait()[:2] == ("series", "series-1")

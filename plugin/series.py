@@ -1,0 +1,212 @@
+"""Series-level jobs: a volume analysed slice by slice once Orthanc calls it stable.
+
+Slices are listed from Orthanc's index (positions and orientations without
+downloading anything), ordered along the slice normal, then downloaded,
+preprocessed and predicted in small batches: memory holds one batch and the
+best slice so far, whatever the series length. A series that changes after
+it was reported (late images) gets a new SR that names its predecessor.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pydicom
+
+from inference.backend import Batch, RawOutput
+from inference.card import ModelCard
+from inference.errors import BadInput, JobOutcome, SkipInput
+from inference.postprocess import Finding, to_finding
+from inference.preprocess import Geometry, prepare_ct_slice
+from inference.report import build_sr
+from inference.uids import derived_uid
+from inference.volume import (
+    OrderedSeries,
+    SeriesAccumulator,
+    SliceRef,
+    lesion_area_mm2,
+    order_slices,
+    parse_vector,
+)
+
+from .jobs import Job
+
+if TYPE_CHECKING:
+    from .service import Service
+
+log = logging.getLogger("orthanc_ai")
+MAX_BAD_SLICE_FRACTION = 0.1
+
+
+def series_key(series_id: str, fingerprint: str, card: ModelCard) -> str:
+    return f"series:{series_id}@{fingerprint}|{card.id}|{card.version}"
+
+
+@dataclass
+class KeySlice:
+    header: pydicom.Dataset
+    raw: RawOutput
+    geometry: Geometry
+    missing: tuple[str, ...]
+
+
+def list_slices(service: Service, series_id: str) -> tuple[dict[str, Any], OrderedSeries]:
+    series = service.client.get_json(f"/series/{series_id}")
+    instances = service.client.get_json(f"/series/{series_id}/instances")
+    refs = [
+        SliceRef(
+            instance=i["ID"],
+            sop_instance_uid=i["MainDicomTags"].get("SOPInstanceUID", i["ID"]),
+            position=parse_vector(i["MainDicomTags"].get("ImagePositionPatient"), 3),
+            orientation=parse_vector(i["MainDicomTags"].get("ImageOrientationPatient"), 6),
+        )
+        for i in instances
+    ]
+    return series, order_slices(refs)
+
+
+def triage_series(service: Service, series_id: str) -> None:
+    """Create and run the series jobs of a stable series (idempotent per slice set)."""
+    try:
+        series, ordered = list_slices(service, series_id)
+    except SkipInput:
+        return  # not a volume (a radiograph series, a single image): instance jobs cover it
+    except JobOutcome as exc:
+        log.warning("orthanc-ai: series not analysable: %s", exc.reason)
+        return
+    modality = str(series["MainDicomTags"].get("Modality", "")).upper()
+    if not service.router.wants(modality, "series"):
+        return
+    study = series["ParentStudy"]
+    middle = ordered.slices[len(ordered.slices) // 2]
+    try:
+        header = pydicom.dcmread(io.BytesIO(service.client.instance_file(middle.instance)),
+                                 stop_before_pixels=True)
+        cards = service.router.route(header, level="series")
+    except JobOutcome as exc:
+        key = f"series:{series_id}@{ordered.fingerprint}||"
+        state = "skipped" if isinstance(exc, SkipInput) else "failed"
+        if service.store.add("", study=study, series=series_id, state=state,
+                             reason=exc.reason, key=key):
+            service.metrics.finished.labels(state).inc()
+        return
+    for card in cards:
+        job = service.store.add("", study=study, series=series_id, model=card.id,
+                                version=card.version,
+                                key=series_key(series_id, ordered.fingerprint, card))
+        if job is not None and (claimed := service.store.claim(job.id)) is not None:
+            service.run_job(claimed)
+
+
+def analyse_series(service: Service, job: Job, card: ModelCard) -> dict[str, Any]:
+    """Run one series job: stream the slices through the model, report one SR."""
+    assert job.series is not None
+    _, ordered = list_slices(service, job.series)
+    if series_key(job.series, ordered.fingerprint, card) != job.key:
+        raise SkipInput("the series changed before this job ran; its new version is analysed")
+    rows, cols, _ = card.image.shape
+    windows = card.image.windows or ((40.0, 80.0),)
+    features = card.metadata.features if card.metadata else ()
+    level = card.volume_heatmap_threshold or 0.5
+    cell_mm2 = (card.heatmap_stride * card.image.pixel_spacing_mm) ** 2
+    acc = SeriesAccumulator()
+    bad: list[str] = []
+    batch_size = max(1, service.config.batch_size)
+    slices = list(enumerate(ordered.slices))
+    for start in range(0, len(slices), batch_size):
+        chunk, prepared = [], []
+        for index, ref in slices[start : start + batch_size]:
+            try:
+                stored = service._fetch(ref.instance, job.created)
+                with service._stage("decode"):
+                    prepared.append(prepare_ct_slice(
+                        stored.dataset, canvas=(rows, cols),
+                        target_mm=card.image.pixel_spacing_mm, windows=windows,
+                        feature_names=features, max_pixel_bytes=service.config.max_pixel_bytes,
+                    ))
+                chunk.append((index, stored.dataset))
+            except (BadInput, SkipInput) as exc:
+                bad.append(f"slice {index + 1}: {exc.reason}")
+        if not chunk:
+            continue
+        with service._stage("infer"):
+            images = np.stack([p.image.pixels for p in prepared])
+            feats = np.stack([p.features for p in prepared]) if card.metadata else None
+            outputs = service.backend.predict(card, Batch(images, feats))
+        for (index, ds), prep, raw in zip(chunk, prepared, outputs, strict=True):
+            area = lesion_area_mm2(raw.heatmap, level, cell_mm2) if raw.heatmap is not None \
+                else 0.0
+            if raw.probability > acc.best_probability:
+                ds.PixelData = b""  # the key slice's header is all the report needs
+                keep = KeySlice(ds, raw, prep.image.geometry, prep.missing_inputs)
+            else:
+                keep = None
+            acc.add(index, raw.probability, area, ordered.slab_mm[index], keep)
+    if len(bad) > MAX_BAD_SLICE_FRACTION * len(ordered.slices) or acc.n == 0:
+        raise BadInput(f"{len(bad)} of {len(ordered.slices)} slices unusable: {bad[0]}")
+    key: KeySlice = acc.best  # type: ignore[assignment]
+    threshold = card.series_threshold or card.threshold
+    finding = to_finding(card, key.raw, key.geometry)
+    positive = acc.best_probability >= threshold
+    finding = Finding(
+        probability=float(np.clip(acc.best_probability, 0.0, 1.0)),
+        threshold=threshold,
+        region=finding.region if positive else None,
+        volume_ml=round(acc.volume_ml, 3) if positive else None,
+    )
+    notes = list(ordered.notes) + bad[:5]
+    source_series_uid = str(key.header.SeriesInstanceUID)
+    uids = (
+        derived_uid("orthanc-ai/sr-series", source_series_uid, card.id, card.version),
+        derived_uid("orthanc-ai/sr-volume", source_series_uid, ordered.fingerprint,
+                    card.id, card.version),
+    )
+    predecessor = _predecessor(service, job, card)
+    with service._stage("report"):
+        sr = build_sr(key.header, card, [finding], missing_inputs=key.missing, uids=uids,
+                      predecessor=predecessor, notes=notes)
+        buffer = io.BytesIO()
+        sr.save_as(buffer, enforce_file_format=True)
+    with service._stage("store"):
+        answer = service.client.store(buffer.getvalue())
+    if answer.get("ParentStudy") not in (None, job.study):
+        raise BadInput("the SR was filed under another study than its source")
+    region = finding.region
+    return {
+        "finding": card.finding.meaning,
+        "probability": round(finding.probability, 6),
+        "positive": positive,
+        "threshold": threshold,
+        "volume_ml": finding.volume_ml,
+        "key_slice": acc.best_index + 1,
+        "key_instance": ordered.slices[acc.best_index].instance,
+        "slices": len(ordered.slices),
+        "slices_analysed": acc.n,
+        "fingerprint": ordered.fingerprint,
+        "region": None if region is None else [region.col0, region.row0, region.col1,
+                                                region.row1],
+        "missing_inputs": list(key.missing),
+        "notes": notes,
+        "sr_sop_instance_uid": str(sr.SOPInstanceUID),
+        "sr_series_instance_uid": str(sr.SeriesInstanceUID),
+        "sr_instance": answer.get("ID"),
+        "sr_status": answer.get("Status"),
+        "predecessor_sr": None if predecessor is None else str(predecessor.SOPInstanceUID),
+    }
+
+
+def _predecessor(service: Service, job: Job, card: ModelCard) -> pydicom.Dataset | None:
+    """The SR of the latest earlier version of this series by this model, if any."""
+    earlier = [j for j in service.store.list(series=job.series, model=card.id, state="done")
+               if j.id != job.id and j.result and j.result.get("sr_instance")]
+    if not earlier:
+        return None
+    previous = earlier[-1].result["sr_instance"]  # type: ignore[index]
+    try:
+        return pydicom.dcmread(io.BytesIO(service.client.instance_file(previous)))
+    except JobOutcome:
+        return None  # the earlier SR was deleted: nothing to refer to
