@@ -36,6 +36,7 @@ class AIConfig:
     max_attempts: int = 3
     retry_backoff_seconds: float = 5.0
     batch_size: int = 8  # slices of a volume per model call
+    changes_poll_seconds: float = 1.0
     # AI.Routing: {"ExcludeByDefault": bool, "Rules": [...]}; None = card defaults
     routing_rules: tuple[Rule, ...] | None = None
     exclude_by_default: bool = True
@@ -60,6 +61,7 @@ _KEYS = {
     "MaxAttempts": "max_attempts",
     "RetryBackoffSeconds": "retry_backoff_seconds",
     "BatchSize": "batch_size",
+    "ChangesPollSeconds": "changes_poll_seconds",
     "Routing": "routing_rules",
 }
 _SPECIAL = {"routing_rules", "exclude_by_default"}

@@ -50,6 +50,14 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, not_before);
 CREATE INDEX IF NOT EXISTS jobs_instance ON jobs(instance);
 CREATE INDEX IF NOT EXISTS jobs_study ON jobs(study);
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- Instances and series seen in Orthanc's change log, not yet triaged.
+CREATE TABLE IF NOT EXISTS inbox (
+    kind TEXT NOT NULL,
+    resource TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    received REAL NOT NULL,
+    PRIMARY KEY (kind, resource)
+);
 """
 
 
@@ -283,6 +291,45 @@ class SqliteJobStore:
         counts = dict.fromkeys(STATES, 0)
         counts.update({r[0]: r[1] for r in rows})
         return counts
+
+    # -- inbox: the durable side of the change log ------------------------------
+
+    def add_to_inbox(self, items: list[tuple[str, str, int]], cursor: int) -> None:
+        """Record changes and advance the cursor in one transaction (no gap, no loss)."""
+        now = time.time()
+        with self._tx() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO inbox (kind, resource, seq, received) VALUES (?, ?, ?, ?)",
+                [(kind, resource, seq, now) for kind, resource, seq in items],
+            )
+            db.execute(
+                "INSERT INTO kv (key, value) VALUES ('changes_cursor', ?)"
+                " ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                (str(cursor),),
+            )
+
+    def take_from_inbox(self) -> tuple[str, str, float] | None:
+        with self._tx() as db:
+            row = db.execute(
+                "DELETE FROM inbox WHERE rowid = (SELECT rowid FROM inbox ORDER BY seq LIMIT 1)"
+                " RETURNING kind, resource, received"
+            ).fetchone()
+        return (row[0], row[1], row[2]) if row else None
+
+    def inbox_size(self) -> int:
+        return self._conn().execute("SELECT COUNT(*) FROM inbox").fetchone()[0]
+
+    def delete(self, job_id: int) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM jobs WHERE id=?", (job_id,))
+
+    def forget_instance_outcomes(self, instance: str) -> int:
+        """Drop instance-level outcomes (skipped/failed before routing) to decide again."""
+        with self._tx() as db:
+            return db.execute(
+                "DELETE FROM jobs WHERE instance=? AND model='' AND state != 'running'",
+                (instance,),
+            ).rowcount
 
     def get_value(self, key: str) -> str | None:
         row = self._conn().execute("SELECT value FROM kv WHERE key=?", (key,)).fetchone()

@@ -35,6 +35,7 @@ class Api:
             ("/ai/jobs", "GET", self.list_jobs),
             ("/ai/jobs/([0-9]+)", "GET", self.get_job),
             ("/ai/jobs/([0-9]+)/retry", "POST", self.retry_job),
+            ("/ai/studies/([0-9a-f-]+)/reprocess", "POST", self.reprocess_study),
             ("/ai/models", "GET", self.models),
             ("/ai/metrics", "GET", self.metrics),
         ]
@@ -68,6 +69,14 @@ class Api:
         if job is None:
             return _error(409, f"job {job_id} does not exist or is running")
         return _json(200, job.as_json())
+
+    def reprocess_study(self, query: Mapping[str, str], study_id: str) -> Response:
+        from inference.errors import JobOutcome
+
+        try:
+            return _json(200, self.service.reprocess_study(study_id))
+        except JobOutcome as exc:
+            return _error(404, exc.reason)
 
     def models(self, query: Mapping[str, str]) -> Response:
         # "ready": weights are loaded and workers are taking jobs.

@@ -81,6 +81,9 @@ def triage_series(service: Service, series_id: str) -> None:
     modality = str(series["MainDicomTags"].get("Modality", "")).upper()
     if not service.router.wants(modality, "series"):
         return
+    prefix = f"series:{series_id}@{ordered.fingerprint}|"
+    if any(j.key.startswith(prefix) for j in service.store.list(series=series_id)):
+        return  # this set of slices was already seen (a replayed change)
     study = series["ParentStudy"]
     middle = ordered.slices[len(ordered.slices) // 2]
     try:

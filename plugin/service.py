@@ -104,7 +104,7 @@ class Service:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._ready = threading.Event()
-        self.metrics = Metrics(store.counts, self._inbox.qsize)
+        self.metrics = Metrics(store.counts, lambda: self._inbox.qsize() + store.inbox_size())
         self.clock: Callable[[], float] = time.time
 
     # -- called from Orthanc callbacks: must be quick and never raise -------
@@ -124,8 +124,11 @@ class Service:
             log.warning("orthanc-ai: %d job(s) interrupted by a stop were queued again", recovered)
         self._stop.clear()
         loader = threading.Thread(target=self._load_models, name="orthanc-ai-loader", daemon=True)
+        follower = threading.Thread(target=self._follow_changes, name="orthanc-ai-changes",
+                                    daemon=True)
         loader.start()
-        self._threads = [loader]
+        follower.start()
+        self._threads = [loader, follower]
         for i in range(self.config.workers):
             t = threading.Thread(target=self._loop, name=f"orthanc-ai-worker-{i}", daemon=True)
             t.start()
@@ -153,6 +156,39 @@ class Service:
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self._ready.wait(timeout)
 
+    # -- Orthanc's change log: nothing stored while we were down is missed -------
+
+    def _follow_changes(self) -> None:
+        """Copy NewInstance/StableSeries changes into the durable inbox, with the cursor.
+
+        The stored-instance callback is only the fast path; this is the path
+        that survives crashes. On the very first start the cursor begins at
+        the end of the log: enabling the plugin does not re-analyse the archive.
+        """
+        kinds = {"NewInstance": "instance", "StableSeries": "series"}
+        cursor: int | None = None
+        while not self._stop.is_set():
+            try:
+                if cursor is None:
+                    saved = self.store.get_value("changes_cursor")
+                    if saved is None:
+                        last = int(self.client.get_json("/changes?last")["Last"])
+                        self.store.add_to_inbox([], last)
+                        saved = str(last)
+                    cursor = int(saved)
+                page = self.client.changes(cursor, limit=500)
+                items = [(kinds[c["ChangeType"]], c["ID"], int(c["Seq"]))
+                         for c in page.get("Changes", []) if c.get("ChangeType") in kinds]
+                last = int(page.get("Last", cursor))
+                if items or last != cursor:
+                    self.store.add_to_inbox(items, last)
+                    cursor = last
+                if page.get("Done", True):
+                    self._stop.wait(self.config.changes_poll_seconds)
+            except Exception as exc:  # Orthanc busy or stopping: try again shortly
+                log.warning("orthanc-ai: reading the change log failed: %s", exc)
+                self._stop.wait(2.0)
+
     # -- worker loop -------------------------------------------------------------
 
     def _loop(self) -> None:
@@ -164,13 +200,20 @@ class Service:
                     self.run_job(job)
                     continue
                 try:
-                    kind, resource, queued_at = self._inbox.get(timeout=0.2)
+                    kind, resource, queued_at = self._inbox.get_nowait()
                 except queue.Empty:
-                    continue
+                    taken = self.store.take_from_inbox()
+                    if taken is None:
+                        try:
+                            kind, resource, queued_at = self._inbox.get(timeout=0.2)
+                        except queue.Empty:
+                            continue
+                    else:
+                        kind, resource, queued_at = taken
                 if kind == "series":
                     triage_series(self, resource)
                 else:
-                    self.triage(resource, queued_at)
+                    self.triage(resource, queued_at, force=kind == "reprocess")
             except Exception:  # the loop itself must survive anything
                 log.exception("orthanc-ai: worker error")
                 time.sleep(1.0)
@@ -209,10 +252,34 @@ class Service:
                 raise BadInput(f"not a readable DICOM file: {type(exc).__name__}: {exc}") from exc
         return Stored(instance_id, study, series, ds, queued_at)
 
-    def triage(self, instance_id: str, queued_at: float | None = None) -> None:
+    def reprocess_study(self, study_id: str) -> dict[str, int]:
+        """Decide again for every instance and series of a study.
+
+        Jobs already done by the current model versions stay done (same SR);
+        failed and dead ones run again; a new model version gets its own jobs.
+        """
+        instances = self.client.get_json(f"/studies/{study_id}/instances")
+        requeued = 0
+        for instance in instances:
+            self.store.forget_instance_outcomes(instance["ID"])
+            for job in self.store.for_instance(instance["ID"]):
+                if job.state in ("failed", "dead") and self.store.requeue(job.id):
+                    requeued += 1
+            self._inbox.put(("reprocess", instance["ID"], time.time()))
+        series = {i["ParentSeries"] for i in instances}
+        for job in self.store.list(study=study_id, state="failed") + self.store.list(
+                study=study_id, state="dead"):
+            if not job.instance and self.store.requeue(job.id):
+                requeued += 1
+        for series_id in series:
+            self._inbox.put(("series", series_id, time.time()))
+        return {"instances": len(instances), "series": len(series), "requeued": requeued}
+
+    def triage(self, instance_id: str, queued_at: float | None = None,
+               force: bool = False) -> None:
         """Decide what to do with a newly stored instance and run its jobs."""
         queued_at = queued_at or time.time()
-        if self.store.for_instance(instance_id):
+        if not force and self.store.for_instance(instance_id):
             return  # seen before (resend, replayed change): handled or in progress
         try:
             located = self._locate(instance_id)
@@ -267,6 +334,14 @@ class Service:
     # -- one job -------------------------------------------------------------------
 
     def run_job(self, job: Job, stored: Stored | None = None) -> None:
+        if not job.model:
+            # An outcome decided before routing, retried by an operator: decide again.
+            self.store.delete(job.id)
+            if job.instance:
+                self.triage(job.instance, force=True)
+            elif job.series:
+                triage_series(self, job.series)
+            return
         try:
             card = self.registry.cards.get(job.model)
             if card is None or card.version != job.model_version:
