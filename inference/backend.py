@@ -7,6 +7,7 @@ plugin (and the unit tests of everything else) does not pay for it.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from .card import CardError, ModelCard
+
+log = logging.getLogger("orthanc_ai")
 
 
 @dataclass(frozen=True)
@@ -139,3 +142,78 @@ class InProcessBackend:
             raise RuntimeError(f"model {card.id} not loaded")
         outputs = call(_inputs_for(card, batch))
         return _split(card, {k: np.asarray(v) for k, v in outputs.items()}, len(batch.images))
+
+
+class HttpBackend:
+    """A model server speaking the TF Serving / KServe V1 REST protocol.
+
+    Our own server (``python -m inference.server``) also takes NumPy .npz
+    bodies, which avoid JSON's cost for images; ``binary=False`` sends the
+    standard JSON body for other servers. Connection failures and 5xx
+    answers are transient (the job is retried); 4xx answers are not.
+    """
+
+    def __init__(self, url: str, timeout: float = 120.0, binary: bool = True) -> None:
+        import requests
+
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.binary = binary
+        self.session = requests.Session()
+        self.session.trust_env = False
+
+    def load(self, card: ModelCard, startup_timeout: float = 180.0) -> None:
+        """Check the server serves this model and version, waiting for it to start."""
+        import time
+
+        import requests
+
+        deadline = time.time() + startup_timeout
+        while True:
+            try:
+                r = self.session.get(f"{self.url}/v1/models/{card.id}", timeout=self.timeout)
+                break
+            except requests.RequestException as exc:
+                if time.time() > deadline:
+                    # Predictions will fail transiently and be retried.
+                    log.warning("orthanc-ai: model server %s unreachable: %s", self.url, exc)
+                    return
+                time.sleep(0.5)
+        if r.status_code == 404:
+            raise CardError(f"model server {self.url} does not serve {card.id}")
+        versions = [v.get("version") for v in r.json().get("version_status", [])]
+        if versions and card.version not in versions:
+            raise CardError(
+                f"model server serves {card.id} version(s) {versions}, card says {card.version}"
+            )
+
+    def predict(self, card: ModelCard, batch: Batch) -> list[RawOutput]:
+        import io
+
+        import requests
+
+        from .errors import BadInput, TransientError
+
+        inputs = _inputs_for(card, batch)
+        url = f"{self.url}/v1/models/{card.id}:predict"
+        try:
+            if self.binary:
+                buf = io.BytesIO()
+                np.savez(buf, **inputs)
+                r = self.session.post(url, data=buf.getvalue(), timeout=self.timeout,
+                                      headers={"Content-Type": "application/x-npz"})
+            else:
+                body = {"inputs": {k: v.tolist() for k, v in inputs.items()}}
+                r = self.session.post(url, json=body, timeout=self.timeout)
+        except requests.RequestException as exc:
+            raise TransientError(f"model server {self.url}: {exc}") from exc
+        if r.status_code >= 500 or r.status_code in (408, 429):
+            raise TransientError(f"model server answered HTTP {r.status_code}: {r.text[:200]}")
+        if r.status_code >= 400:
+            raise BadInput(f"model server refused the input: HTTP {r.status_code} {r.text[:200]}")
+        if r.headers.get("Content-Type", "").startswith("application/x-npz"):
+            with np.load(io.BytesIO(r.content), allow_pickle=False) as npz:
+                outputs = {k: npz[k] for k in npz.files}
+        else:
+            outputs = {k: np.asarray(v) for k, v in r.json()["outputs"].items()}
+        return _split(card, outputs, len(batch.images))

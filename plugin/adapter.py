@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import orthanc
-from inference.backend import InProcessBackend
+from inference.backend import HttpBackend, InProcessBackend
 from inference.registry import Registry
 
 from .config import parse_ai_section
 from .jobs import SqliteJobStore
+from .model_server import start_model_server
 from .orthanc_http import OrthancClient
 from .routes import Api
 from .service import Service
@@ -116,7 +117,14 @@ def install() -> None:
     for folder, error in registry.errors.items():
         log.error("orthanc-ai: model folder %s not used: %s", folder, error)
     router = ai.router(registry.cards)  # a wrong rule raises: the plugin fails loudly
-    backend = InProcessBackend(intra_op_threads=ai.tensorflow_threads)
+    if ai.backend == "http":
+        url = ai.model_server_url
+        if not url:
+            url, _ = start_model_server(ai.models_directory, storage / "orthanc-ai" /
+                                        "model-server.log", ai.tensorflow_threads)
+        backend = HttpBackend(url, timeout=ai.http_timeout_seconds)
+    else:
+        backend = InProcessBackend(intra_op_threads=ai.tensorflow_threads)
     _service = Service(ai, store, client, registry, backend, router)
 
     orthanc.RegisterOnStoredInstanceCallback(_on_stored_instance)

@@ -36,6 +36,8 @@ class AIConfig:
     max_attempts: int = 3
     retry_backoff_seconds: float = 5.0
     batch_size: int = 8  # slices of a volume per model call
+    backend: str = "in-process"  # or "http": a TF Serving / KServe V1 model server
+    model_server_url: str = ""  # http backend; empty: the plugin starts our own server
     changes_poll_seconds: float = 1.0
     # AI.Routing: {"ExcludeByDefault": bool, "Rules": [...]}; None = card defaults
     routing_rules: tuple[Rule, ...] | None = None
@@ -61,6 +63,8 @@ _KEYS = {
     "MaxAttempts": "max_attempts",
     "RetryBackoffSeconds": "retry_backoff_seconds",
     "BatchSize": "batch_size",
+    "Backend": "backend",
+    "ModelServerUrl": "model_server_url",
     "ChangesPollSeconds": "changes_poll_seconds",
     "Routing": "routing_rules",
 }
@@ -102,6 +106,10 @@ def _coerce(key: str, value: Any, default: Any, annotation: str) -> Any:
             raise ConfigError(f"AI.{key} must be a non-empty path string, not {value!r}")
         path = Path(value)
         return path if path.is_absolute() else PROJECT_ROOT / path
+    if annotation == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"AI.{key} must be a string, not {value!r}")
+        return value.strip()
     if annotation == "int":
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ConfigError(f"AI.{key} must be a non-negative integer, not {value!r}")
@@ -139,6 +147,11 @@ def parse_ai_section(section: Any) -> AIConfig:
         raise ConfigError("AI.Workers must be at least 1")
     if config.max_attempts < 1:
         raise ConfigError("AI.MaxAttempts must be at least 1")
+    if config.backend not in ("in-process", "http"):
+        raise ConfigError("AI.Backend must be 'in-process' or 'http'")
+    if config.model_server_url and not config.model_server_url.startswith(("http://",
+                                                                           "https://")):
+        raise ConfigError("AI.ModelServerUrl must be an http:// or https:// URL")
     return config
 
 

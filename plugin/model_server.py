@@ -1,0 +1,43 @@
+"""Start our model server (``inference.server``) as a helper process of Orthanc.
+
+Inside Orthanc ``sys.executable`` is Orthanc itself, so the server is started
+with the virtual environment's own ``python``, never with multiprocessing.
+It watches Orthanc's PID and stops when Orthanc is gone, even after kill -9.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+from .config import PROJECT_ROOT
+
+
+def venv_python(site_packages: str | None) -> Path:
+    """``<venv>/bin/python`` for ``<venv>/lib/pythonX.Y/site-packages``."""
+    if site_packages:
+        candidate = Path(site_packages).resolve().parents[2] / "bin" / "python"
+        if candidate.exists():
+            return candidate
+    return PROJECT_ROOT / ".venv" / "bin" / "python"
+
+
+def start_model_server(
+    models: Path, log_path: Path, threads: int = 0
+) -> tuple[str, subprocess.Popen]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    python = venv_python(os.environ.get("ORTHANC_AI_SITE_PACKAGES"))
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [str(python), "-m", "inference.server", "--models", str(models), "--host",
+             "127.0.0.1", "--port", str(port), "--threads", str(threads),
+             "--parent-pid", str(os.getpid())],
+            cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
+        )
+    return f"http://127.0.0.1:{port}", proc
