@@ -68,6 +68,8 @@ def check_decodable(ds: Dataset, max_pixel_bytes: int = DEFAULT_MAX_PIXEL_BYTES)
     if "PixelData" not in ds:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise SkipInput("float pixel data is not supported by any model")
+        if "Rows" in ds and "Columns" in ds:
+            raise BadInput("image without its pixel data (truncated file?)")
         raise SkipInput("no pixel data")
     size = decoded_size(ds)
     if size > max_pixel_bytes:
@@ -102,10 +104,49 @@ def decode_frame(
     try:
         arr = pixel_array(ds, index=index if n > 1 else None)
     except Exception as exc:  # codecs raise anything from ValueError to RuntimeError
-        raise BadInput(f"pixel data cannot be decoded: {type(exc).__name__}: {exc}") from exc
+        arr = _decode_with_dcmtk(ds, index if n > 1 else None)
+        if arr is None:
+            message = str(exc).replace("\n", " ")
+            raise BadInput(f"pixel data cannot be decoded: {message}") from exc
     if arr.ndim != 2:
         raise BadInput(f"decoded frame has shape {arr.shape}, expected (rows, columns)")
     return _fix_bits_stored(arr, ds)
+
+
+# dcmtk's decompressors tolerate some encoder quirks of real modalities (e.g.
+# sequential JPEG with odd SOS parameters) that pydicom's plugins refuse.
+_DCMTK_DECODERS = {
+    pydicom.uid.JPEGBaseline8Bit: "dcmdjpeg",
+    pydicom.uid.JPEGExtended12Bit: "dcmdjpeg",
+    pydicom.uid.JPEGLossless: "dcmdjpeg",
+    pydicom.uid.JPEGLosslessSV1: "dcmdjpeg",
+    pydicom.uid.JPEGLSLossless: "dcmdjpls",
+    pydicom.uid.JPEGLSNearLossless: "dcmdjpls",
+    pydicom.uid.RLELossless: "dcmdrle",
+}
+
+
+def _decode_with_dcmtk(ds: Dataset, index: int | None) -> np.ndarray | None:
+    """Second opinion from dcmtk for a compressed frame pydicom could not decode."""
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    tsuid = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    tool = shutil.which(_DCMTK_DECODERS.get(tsuid, "")) if tsuid else None
+    if tool is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="orthanc-ai-") as tmp:
+        src, dst = Path(tmp) / "in.dcm", Path(tmp) / "out.dcm"
+        try:
+            ds.save_as(src, enforce_file_format=True)
+            proc = subprocess.run([tool, str(src), str(dst)], capture_output=True, timeout=120)
+            if proc.returncode != 0 or not dst.exists():
+                return None
+            return pixel_array(pydicom.dcmread(dst), index=index)
+        except Exception:
+            return None
 
 
 def _fix_bits_stored(arr: np.ndarray, ds: Dataset) -> np.ndarray:

@@ -250,6 +250,9 @@ class Service:
                 ds = pydicom.dcmread(io.BytesIO(data))
             except (InvalidDicomError, EOFError, ValueError, OSError, KeyError) as exc:
                 raise BadInput(f"not a readable DICOM file: {type(exc).__name__}: {exc}") from exc
+            if "SOPClassUID" not in ds:
+                # pydicom gives up silently on some truncated files (an empty dataset)
+                raise BadInput("the file could not be parsed (truncated or corrupt)")
         return Stored(instance_id, study, series, ds, queued_at)
 
     def reprocess_study(self, study_id: str) -> dict[str, int]:
