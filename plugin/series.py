@@ -54,8 +54,7 @@ class KeySlice:
     missing: tuple[str, ...]
 
 
-def list_slices(service: Service, series_id: str) -> tuple[dict[str, Any], OrderedSeries]:
-    series = service.client.get_json(f"/series/{series_id}")
+def list_slices(service: Service, series_id: str) -> OrderedSeries:
     instances = service.client.get_json(f"/series/{series_id}/instances")
     refs = [
         SliceRef(
@@ -66,25 +65,29 @@ def list_slices(service: Service, series_id: str) -> tuple[dict[str, Any], Order
         )
         for i in instances
     ]
-    return series, order_slices(refs)
+    return order_slices(refs)
 
 
 def triage_series(service: Service, series_id: str) -> None:
     """Create and run the series jobs of a stable series (idempotent per slice set)."""
-    try:
-        series, ordered = list_slices(service, series_id)
-    except SkipInput:
-        return  # not a volume (a radiograph series, a single image): instance jobs cover it
-    except JobOutcome as exc:
-        log.warning("orthanc-ai: series not analysable: %s", exc.reason)
-        return
+    series = service.client.get_json(f"/series/{series_id}")
     modality = str(series["MainDicomTags"].get("Modality", "")).upper()
     if not service.router.wants(modality, "series"):
+        return  # radiographs and the like: their instance jobs report on them
+    study = series["ParentStudy"]
+    try:
+        ordered = list_slices(service, series_id)
+    except JobOutcome as exc:
+        # Not a usable volume (too few slices, no geometry): say so, once per slice count.
+        state = "skipped" if isinstance(exc, SkipInput) else "failed"
+        key = f"series:{series_id}@{len(series.get('Instances', []))} instances||"
+        if service.store.add("", study=study, series=series_id, state=state,
+                             reason=exc.reason, key=key):
+            service.metrics.finished.labels(state).inc()
         return
     prefix = f"series:{series_id}@{ordered.fingerprint}|"
     if any(j.key.startswith(prefix) for j in service.store.list(series=series_id)):
         return  # this set of slices was already seen (a replayed change)
-    study = series["ParentStudy"]
     middle = ordered.slices[len(ordered.slices) // 2]
     try:
         header = pydicom.dcmread(io.BytesIO(service.client.instance_file(middle.instance)),
@@ -108,7 +111,7 @@ def triage_series(service: Service, series_id: str) -> None:
 def analyse_series(service: Service, job: Job, card: ModelCard) -> dict[str, Any]:
     """Run one series job: stream the slices through the model, report one SR."""
     assert job.series is not None
-    _, ordered = list_slices(service, job.series)
+    ordered = list_slices(service, job.series)
     if series_key(job.series, ordered.fingerprint, card) != job.key:
         raise SkipInput("the series changed before this job ran; its new version is analysed")
     rows, cols, _ = card.image.shape
