@@ -153,22 +153,24 @@ class HttpBackend:
     answers are transient (the job is retried); 4xx answers are not.
     """
 
-    def __init__(self, url: str, timeout: float = 120.0, binary: bool = True) -> None:
+    def __init__(self, url: str, timeout: float = 120.0, binary: bool = True,
+                 startup_wait: float = 0.0) -> None:
         import requests
 
         self.url = url.rstrip("/")
+        self.startup_wait = startup_wait  # for a server we started ourselves
         self.timeout = timeout
         self.binary = binary
         self.session = requests.Session()
         self.session.trust_env = False
 
-    def load(self, card: ModelCard, startup_timeout: float = 180.0) -> None:
-        """Check the server serves this model and version, waiting for it to start."""
+    def load(self, card: ModelCard) -> None:
+        """Check the server serves this model and version (waiting ``startup_wait``)."""
         import time
 
         import requests
 
-        deadline = time.time() + startup_timeout
+        deadline = time.time() + self.startup_wait
         while True:
             try:
                 r = self.session.get(f"{self.url}/v1/models/{card.id}", timeout=self.timeout)

@@ -118,11 +118,12 @@ def install() -> None:
         log.error("orthanc-ai: model folder %s not used: %s", folder, error)
     router = ai.router(registry.cards)  # a wrong rule raises: the plugin fails loudly
     if ai.backend == "http":
-        url = ai.model_server_url
+        url, wait = ai.model_server_url, 0.0
         if not url:
             url, _ = start_model_server(ai.models_directory, storage / "orthanc-ai" /
                                         "model-server.log", ai.tensorflow_threads)
-        backend = HttpBackend(url, timeout=ai.http_timeout_seconds)
+            wait = 180.0  # TensorFlow's import and the model loads take a while
+        backend = HttpBackend(url, timeout=ai.http_timeout_seconds, startup_wait=wait)
     else:
         backend = InProcessBackend(intra_op_threads=ai.tensorflow_threads)
     _service = Service(ai, store, client, registry, backend, router)

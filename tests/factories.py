@@ -59,7 +59,7 @@ def write_card(folder: Path, card: dict[str, Any]) -> None:
 
 
 def synthetic_dx(seed: int, *, fracture: bool | None = None, age: float | None = 50.0,
-                 sex: str | None = "F", **dx_kwargs: Any):
+                 sex: str | None = "F", spacing_mm: float | None = None, **dx_kwargs: Any):
     """A valid synthetic DX dataset (our phantom), deterministic from ``seed``."""
     import numpy as np
 
@@ -68,7 +68,8 @@ def synthetic_dx(seed: int, *, fracture: bool | None = None, age: float | None =
     from inference.uids import derived_uid
 
     rng = np.random.default_rng(seed)
-    case = sample_case(rng, fracture=fracture, age_years=age, sex=sex or "F")
+    extra = {"spacing_choices": (spacing_mm,)} if spacing_mm else {}
+    case = sample_case(rng, fracture=fracture, age_years=age, sex=sex or "F", **extra)
     rendered = render(case, rng)
     kwargs = dict(
         patient_id=f"TEST{seed}",

@@ -150,3 +150,45 @@ class OrthancAI:
             if time.time() > deadline:
                 raise TimeoutError(f"jobs not settled: {jobs}\n{self.log_tail()}")
             time.sleep(0.25)
+
+
+def write_config(path: Path, **ai: Any) -> Path:
+    """The project's orthanc.json with AI keys changed, for tests and benchmarks."""
+    import json
+
+    from plugin.config import load_orthanc_json
+
+    config = load_orthanc_json(ROOT / "orthanc.json")
+    stable_age = ai.pop("StableAge", None)
+    if stable_age is not None:
+        config["StableAge"] = stable_age
+    config["AI"] = {**config.get("AI", {}), **ai}
+    path.write_text(json.dumps(config, indent=2))
+    return path
+
+
+def dx_corpus(folder: Path, n: int, *, base_images: int = 10, seed: int = 1000,
+              spacing_mm: float | None = 0.4) -> list[Path]:
+    """``n`` distinct DX instances (own study, series and SOP UIDs) from a few phantoms.
+
+    Rendering is the slow part, so ``base_images`` phantoms are rendered and
+    their pixels reused under new patients and UIDs.
+    """
+    from inference.uids import derived_uid
+    from tests.factories import synthetic_dx
+
+    folder.mkdir(parents=True, exist_ok=True)
+    bases = [synthetic_dx(seed + i, fracture=bool(i % 2), age=20.0 + 7 * i,
+                          sex="MF"[i % 2], spacing_mm=spacing_mm) for i in range(base_images)]
+    paths = []
+    for k in range(n):
+        ds = bases[k % base_images]
+        ds.PatientID = f"CORPUS{seed}-{k}"
+        ds.StudyInstanceUID = derived_uid("corpus-study", str(seed), str(k))
+        ds.SeriesInstanceUID = derived_uid("corpus-series", str(seed), str(k))
+        ds.SOPInstanceUID = derived_uid("corpus-instance", str(seed), str(k))
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        path = folder / f"{k:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
