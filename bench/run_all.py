@@ -1,0 +1,223 @@
+"""Benchmarks of orthanc-ai, each a ratio measured within one run.
+
+    .venv/bin/python -m bench.run_all [--quick] [--out bench/out]
+
+(a) ingest overhead: storescu throughput into Orthanc with the plugin on vs off
+(b) pipeline efficiency: end-to-end images/s vs bare decode+preprocess+predict
+(c) latency p50/p95 from C-STORE completion to SR available vs bare compute
+(d) memory: Orthanc's resident size after 500 vs 5,000 instances
+
+Prints a table, writes ``report.json`` and ``report.png`` into ``--out``.
+Never a timed assertion: the numbers are reported, the targets beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+
+from inference.backend import Batch, InProcessBackend
+from inference.card import ModelCard
+from inference.preprocess import prepare_radiograph
+from plugin.config import PROJECT_ROOT
+from tests.harness import STORESCU, OrthancAI, dx_corpus, write_config
+
+MODEL = PROJECT_ROOT / "models" / "limb-fracture-xr"
+TARGETS = {"ingest_ratio": (">=", 0.95), "pipeline_efficiency": (">=", 0.8),
+           "latency_p50_ratio": ("<=", 1.5), "latency_p95_ratio": ("<=", 1.5),
+           "memory_growth": ("<=", 0.10)}
+
+
+def storescu_seconds(server: OrthancAI, files: list[Path]) -> float:
+    t0 = time.perf_counter()
+    server.storescu(files)
+    return time.perf_counter() - t0
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def orthanc_pid(server: OrthancAI) -> int:
+    # `orthanc-ai serve` execs Orthanc: the child process is Orthanc itself.
+    assert server.proc is not None
+    return server.proc.pid
+
+
+def bare_compute(files: list[Path], batch_size: int = 8) -> dict[str, float]:
+    """Decode + preprocess + batched predict in this plain process, no Orthanc."""
+    card = ModelCard.from_folder(MODEL)
+    backend = InProcessBackend()
+    backend.load(card)
+    shape = tuple(card.image.shape[:2])
+    feats = card.metadata.features if card.metadata else ()
+
+    def prepare(path: Path):
+        ds = pydicom.dcmread(path)
+        return prepare_radiograph(ds, canvas=shape, target_mm=card.image.pixel_spacing_mm,
+                                  feature_names=feats)
+
+    backend.predict(card, Batch(np.zeros((1, *card.image.shape), np.float32),
+                                np.zeros((1, len(feats)), np.float32)))  # warm-up
+    singles = []
+    for path in files[:20]:
+        t0 = time.perf_counter()
+        p = prepare(path)
+        backend.predict(card, Batch(p.image.pixels[None, :, :, None], p.features[None]))
+        singles.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for i in range(0, len(files), batch_size):
+        prepared = [prepare(f) for f in files[i : i + batch_size]]
+        backend.predict(card, Batch(np.stack([p.image.pixels[:, :, None] for p in prepared]),
+                                    np.stack([p.features for p in prepared])))
+    total = time.perf_counter() - t0
+    return {"images_per_s": len(files) / total, "single_s_p50": statistics.median(singles)}
+
+
+def settle(server: OrthancAI, n_jobs: int, timeout: float = 3600) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        jobs = server.jobs()
+        if len(jobs) >= n_jobs and all(j["state"] in ("done", "skipped", "failed", "dead")
+                                       for j in jobs):
+            return
+        time.sleep(0.5)
+    raise TimeoutError("jobs did not settle")
+
+
+def bench_ingest(work: Path, files: list[Path], extra: dict) -> dict[str, float]:
+    on = write_config(work / "on.json", **extra)
+    off = write_config(work / "off.json", Enabled=False)
+    out = {}
+    for name, config in (("off", off), ("on", on)):
+        with OrthancAI(work / f"ingest-{name}", config=config) as server:
+            out[f"ingest_{name}_per_s"] = len(files) / storescu_seconds(server, files)
+    out["ingest_ratio"] = out["ingest_on_per_s"] / out["ingest_off_per_s"]
+    return out
+
+
+def bench_pipeline(work: Path, files: list[Path], extra: dict,
+                   bare: dict[str, float]) -> dict[str, float]:
+    """Throughput and per-image latency, stored -> SR stored."""
+    config = write_config(work / "pipe.json", **extra)
+    with OrthancAI(work / "pipeline", config=config) as server:
+        t0 = time.perf_counter()
+        server.storescu(files)
+        settle(server, len(files))
+        total = time.perf_counter() - t0
+        # Latency, one image at a time on an idle system: C-STORE done -> SR listed.
+        latencies = []
+        for k, path in enumerate(files[:20]):
+            ds = pydicom.dcmread(path)
+            ds.SOPInstanceUID = f"{ds.SOPInstanceUID}.{k + 1}"
+            single = work / f"lat-{k}.dcm"
+            ds.save_as(single, enforce_file_format=True)
+            subprocess.run([STORESCU, "-aec", "ORTHANC", "127.0.0.1", str(server.dicom_port),
+                            str(single)], check=True, capture_output=True)
+            t_stored = time.perf_counter()
+            instance = server.lookup(str(ds.SOPInstanceUID))
+            while not server.jobs(instance=instance, state="done"):
+                time.sleep(0.01)
+            latencies.append(time.perf_counter() - t_stored)
+    e2e = len(files) / total
+    p50, p95 = float(np.percentile(latencies, 50)), float(np.percentile(latencies, 95))
+    return {
+        "pipeline_images_per_s": e2e,
+        "bare_images_per_s": bare["images_per_s"],
+        "pipeline_efficiency": e2e / bare["images_per_s"],
+        "latency_p50_s": p50,
+        "latency_p95_s": p95,
+        "bare_single_s": bare["single_s_p50"],
+        "latency_p50_ratio": p50 / bare["single_s_p50"],
+        "latency_p95_ratio": p95 / bare["single_s_p50"],
+    }
+
+
+def bench_memory(work: Path, small: int, large: int, extra: dict) -> dict[str, float]:
+    files = dx_corpus(work / "mem-dx", large, base_images=10, seed=9000, spacing_mm=0.5)
+    config = write_config(work / "mem.json", **extra)
+    with OrthancAI(work / "memory", config=config) as server:
+        server.storescu(files[:small])
+        settle(server, small)
+        rss_small = rss_kib(orthanc_pid(server))
+        server.storescu(files[small:])
+        settle(server, large)
+        rss_large = rss_kib(orthanc_pid(server))
+    return {"rss_small_mib": rss_small / 1024, "rss_large_mib": rss_large / 1024,
+            "memory_instances": [small, large],
+            "memory_growth": (rss_large - rss_small) / rss_small}
+
+
+def verdict(key: str, value: float) -> str:
+    op, target = TARGETS[key]
+    ok = value >= target if op == ">=" else value <= target
+    return f"{'meets' if ok else 'MISSES'} target {op} {target}"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in TARGETS if k in report]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    values = [report[k] for k in keys]
+    ax.bar(range(len(keys)), values, color=["tab:blue"] * len(keys))
+    ax.scatter(range(len(keys)), [TARGETS[k][1] for k in keys], color="red", zorder=3,
+               label="target")
+    ax.set_xticks(range(len(keys)), keys, rotation=20, ha="right")
+    ax.set_title(f"orthanc-ai benchmarks ({report['backend']}, {report['n_images']} images)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "bench" / "out")
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--memory", type=int, nargs=2, default=(500, 5000))
+    parser.add_argument("--backend", choices=("in-process", "http"), default="in-process")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.images, args.memory = 40, (50, 200)
+    args.out.mkdir(parents=True, exist_ok=True)
+    extra = {"Backend": args.backend}
+    report: dict = {"backend": args.backend, "n_images": args.images,
+                    "date": time.strftime("%Y-%m-%d %H:%M"), "cpus": __import__("os").cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="orthanc-ai-bench-") as tmp:
+        work = Path(tmp)
+        files = dx_corpus(work / "dx", args.images, base_images=20, seed=8000, spacing_mm=0.2)
+        report["image_size"] = list(pydicom.dcmread(files[0]).pixel_array.shape)
+        bare = bare_compute(files)
+        report.update(bench_ingest(work, files, extra))
+        report.update(bench_pipeline(work, files, extra, bare))
+        report.update(bench_memory(work, *args.memory, extra))
+    (args.out / "report.json").write_text(json.dumps(report, indent=2))
+    plot(report, args.out / "report.png")
+    print(f"{'measure':28} {'value':>10}  verdict")
+    for key in TARGETS:
+        print(f"{key:28} {report[key]:>10.3f}  {verdict(key, report[key])}")
+    for key in ("ingest_off_per_s", "ingest_on_per_s", "pipeline_images_per_s",
+                "bare_images_per_s", "latency_p50_s", "latency_p95_s", "bare_single_s",
+                "rss_small_mib", "rss_large_mib"):
+        print(f"{key:28} {report[key]:>10.3f}")
+    print(f"report: {args.out / 'report.json'}, plot: {args.out / 'report.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
