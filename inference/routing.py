@@ -24,6 +24,8 @@ from .errors import SkipInput
 from .features import patient_age
 
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+_RECONSTRUCTED = {"MPR", "MIP", "MINIP", "REFORMATTED", "VOLUME_RENDER", "CURVED",
+                  "PROJECTION IMAGE", "SUBTRACTION"}
 _LOCALIZER_WORDS = re.compile(
     r"\b(scout|localizer|localiser|topogram|surview|scanogram|dose\s*(report|info)?|"
     r"patient\s*protocol)\b",
@@ -168,8 +170,13 @@ def default_exclusion(ds: Dataset) -> str | None:
     sop = str(ds.get("SOPClassUID", ""))
     if sop.startswith(SECONDARY_CAPTURE_PREFIX):
         return "secondary capture"
-    if image_type[:1] == ["DERIVED"]:
-        return "derived image (ImageType DERIVED)"
+    # DERIVED\SECONDARY (reformats, renderings, screen captures) is excluded;
+    # DERIVED\PRIMARY is kept: many DX "for presentation" images are processed
+    # originals flagged that way.
+    if image_type[:1] == ["DERIVED"] and (image_type[1:2] != ["PRIMARY"]
+                                          or set(image_type[2:]) & _RECONSTRUCTED):
+        shown = "\\".join(image_type)
+        return f"derived image (ImageType {shown})"
     for keyword in ("SeriesDescription", "ProtocolName"):
         value = str(ds.get(keyword, "") or "")
         if _LOCALIZER_WORDS.search(value):

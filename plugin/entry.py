@@ -5,9 +5,14 @@ project root and the virtual environment's site-packages on ``sys.path``
 before importing anything of ours, then hand over to the adapter.
 """
 
+import faulthandler
 import os
 import site
 import sys
+
+# A crash in native code (a codec, TensorFlow) then leaves Python stacks in
+# Orthanc's log instead of a bare "Segmentation fault".
+faulthandler.enable(all_threads=True)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -18,10 +23,13 @@ while HERE in sys.path:
 _site = os.environ.get("ORTHANC_AI_SITE_PACKAGES") or os.path.join(
     ROOT, ".venv", "lib", "python{}.{}".format(*sys.version_info[:2]), "site-packages"
 )
+# The venv (and the project) must come before Debian's dist-packages, which
+# the embedded interpreter also searches: an older Debian module shadowing
+# the venv's (e.g. one pulled in by docker-compose) crashed TensorFlow's import.
+_before = [p for p in sys.path if p != ROOT]
 if os.path.isdir(_site):
-    site.addsitedir(_site)
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+    site.addsitedir(_site)  # also runs the venv's .pth files
+sys.path[:] = [ROOT] + [p for p in sys.path if p not in _before and p != ROOT] + _before
 
 from plugin import adapter  # noqa: E402
 

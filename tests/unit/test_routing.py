@@ -54,6 +54,7 @@ def test_card_defaults_route_by_modality_and_body_part(cards):
     ("changes", "reason"),
     [
         ({"ImageType": ["DERIVED", "SECONDARY"]}, "derived image"),
+        ({"ImageType": ["DERIVED", "PRIMARY", "MPR"]}, "derived image"),
         ({"ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]}, "localizer"),
         ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.7"}, "secondary capture"),
         ({"SeriesDescription": "Dose Report"}, "dose"),
@@ -132,3 +133,4 @@ def test_routing_section_errors_name_the_key():
 
 def test_default_exclusion_keeps_ordinary_images():
     assert default_exclusion(image()) is None
+    assert default_exclusion(image(ImageType=["DERIVED", "PRIMARY"])) is None  # processed DX
