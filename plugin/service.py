@@ -280,21 +280,34 @@ class Service:
 
     def triage(self, instance_id: str, queued_at: float | None = None,
                force: bool = False) -> None:
-        """Decide what to do with a newly stored instance and run its jobs."""
+        """Decide what to do with a newly stored instance and run its jobs.
+
+        Whatever happens, the instance ends with a job in a visible state,
+        except our own SRs and slices whose series job will report on them.
+        """
         queued_at = queued_at or time.time()
         if not force and self.store.for_instance(instance_id):
             return  # seen before (resend, replayed change): handled or in progress
+        try:
+            self._triage(instance_id, queued_at)
+        except TransientError as exc:
+            # Orthanc itself is unreachable or overloaded: try again shortly.
+            log.warning("orthanc-ai: triage of an instance postponed: %s", exc.reason)
+            self._stop.wait(1.0)
+            self._inbox.put(("instance", instance_id, queued_at))
+        except Exception as exc:
+            log.exception("orthanc-ai: triage failed")
+            self.store.add(instance_id, study=None, series=None, state="failed",
+                           reason=f"internal error: {type(exc).__name__}: {exc}")
+            self.metrics.finished.labels("failed").inc()
+
+    def _triage(self, instance_id: str, queued_at: float) -> None:
         try:
             located = self._locate(instance_id)
             meta = self.client.instance_metadata(instance_id)
         except InstanceGone:
             self.store.add(instance_id, study=None, series=None, state="skipped",
                            reason="instance deleted before it could be processed")
-            return
-        except TransientError as exc:
-            log.warning("orthanc-ai: triage of an instance postponed: %s", exc.reason)
-            self._inbox.put(("instance", instance_id, queued_at))
-            time.sleep(1.0)
             return
         _, study, series, modality = located
         sop_class = meta.get("SopClassUid", "")
@@ -313,6 +326,8 @@ class Service:
             if "PixelData" not in ds:
                 raise SkipInput(f"non-image object ({sop_class_name(sop_class)})")
             cards = self.router.route(ds)
+        except TransientError:
+            raise
         except JobOutcome as exc:
             state = "skipped" if isinstance(exc, SkipInput) else "failed"
             self.store.add(instance_id, study=study, series=series, state=state,

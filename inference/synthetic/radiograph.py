@@ -154,7 +154,11 @@ class Rendered:
     case
         The case that was rendered.
     details
-        Geometry drawn while rendering (tilt, visible ends, site), for analysis.
+        Geometry drawn while rendering, for analysis and tests: tilt
+        (``theta_deg``), which bone end is in the field (``visible_end``),
+        the fracture's bone, position and site, and two landmarks in output
+        pixels, ``bone_px`` (dense bone) and ``air_px`` (direct exposure,
+        or None).
     """
 
     stored: np.ndarray
@@ -275,7 +279,7 @@ def sample_case(
                 gap = float(rng.uniform(1.0, 2.5))
                 angle = float(rng.uniform(-8.0, 8.0))
             else:
-                gap = float(rng.uniform(0.5, 2.0))
+                gap = float(rng.uniform(0.8, 2.2))
                 transverse = rng.random() < 0.45
                 angle = float(rng.uniform(-10.0, 10.0) if transverse else rng.uniform(-45.0, 45.0))
             displacement = 0.0 if rng.random() < 0.5 else float(rng.uniform(0.3, 3.0))
@@ -503,6 +507,12 @@ def render(case: Case, rng: np.random.Generator) -> Rendered:
     soft = _render_soft_tissue(case, rng, bones, u, v, shape, px)
     # Line integral in arbitrary log units: soft tissue ~0.02/mm.
     atten = 0.02 * (soft + bone_att)
+    # Landmarks on the middle row, in output pixels: the densest bone and
+    # the first direct-exposure (air) pixel, if any. Used by tests.
+    mid = shape[0] // 2
+    details["bone_px"] = _to_out(mid, int(np.argmax(bone_att[mid])), scale)
+    air = np.flatnonzero(atten[mid] <= 1e-6)
+    details["air_px"] = _to_out(mid, int(air[0]), scale) if air.size else None
     if spacing <= _WORK_MM:
         # Detector blur (~0.15 mm): a 1-2-1 kernel on the work grid.
         atten = _blur121(atten)
@@ -528,6 +538,11 @@ def render(case: Case, rng: np.random.Generator) -> Rendered:
         case=case,
         details=details,
     )
+
+
+def _to_out(row: int, col: int, scale: tuple[float, float]) -> tuple[int, int]:
+    """Work-grid pixel to the output pixel holding its centre."""
+    return int((row + 0.5) * scale[0]), int((col + 0.5) * scale[1])
 
 
 def _bone_window(bone: _Bone, u: np.ndarray, v: np.ndarray) -> tuple[slice, slice] | None:
@@ -808,7 +823,7 @@ def _apply_fracture(
             side = 1.0 if rng.random() < 0.5 else -1.0
             cut = bone.radius * rng.uniform(-0.4, 0.3)
             m = m * np.clip((side * dv_w - cut) / px, 0.0, 1.0)
-        depth = rng.uniform(0.4, 0.95)
+        depth = rng.uniform(0.6, 0.95)
         keep = 1.0 - depth * m
         medulla[win] *= keep
         cortex[win] *= keep
