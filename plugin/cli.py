@@ -130,11 +130,11 @@ def wait_for_orthanc(base_url: str, proc: subprocess.Popen, timeout: float = 120
         if proc.poll() is not None:
             raise RuntimeError(f"Orthanc exited with code {proc.returncode}")
         try:
-            models = _get(f"{base_url}/ai/models")
-            if models is not None:
+            if _get(f"{base_url}/ai/models")["ready"]:  # models loaded, workers running
                 return
         except Exception:
-            time.sleep(0.5)
+            pass
+        time.sleep(0.5)
     raise RuntimeError(f"Orthanc did not answer on {base_url} within {timeout:.0f} s")
 
 
