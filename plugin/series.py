@@ -22,7 +22,6 @@ from inference.card import ModelCard
 from inference.errors import BadInput, JobOutcome, SkipInput
 from inference.postprocess import Finding, to_finding
 from inference.preprocess import Geometry, prepare_ct_slice
-from inference.report import build_sr
 from inference.uids import derived_uid
 from inference.volume import (
     OrderedSeries,
@@ -172,37 +171,19 @@ def analyse_series(service: Service, job: Job, card: ModelCard) -> dict[str, Any
                     card.id, card.version),
     )
     predecessor = _predecessor(service, job, card)
-    with service._stage("report"):
-        sr = build_sr(key.header, card, [finding], missing_inputs=key.missing, uids=uids,
-                      predecessor=predecessor, notes=notes)
-        buffer = io.BytesIO()
-        sr.save_as(buffer, enforce_file_format=True)
-    with service._stage("store"):
-        answer = service.client.store(buffer.getvalue())
-    if answer.get("ParentStudy") not in (None, job.study):
-        raise BadInput("the SR was filed under another study than its source")
-    region = finding.region
-    return {
-        "finding": card.finding.meaning,
-        "probability": round(finding.probability, 6),
-        "positive": positive,
-        "threshold": threshold,
+    result = service.report(card, key.header, finding, study=job.study or "",
+                            missing=key.missing, notes=notes, uids=uids,
+                            predecessor=predecessor)
+    result.update({
         "volume_ml": finding.volume_ml,
         "key_slice": acc.best_index + 1,
         "key_instance": ordered.slices[acc.best_index].instance,
         "slices": len(ordered.slices),
         "slices_analysed": acc.n,
         "fingerprint": ordered.fingerprint,
-        "region": None if region is None else [region.col0, region.row0, region.col1,
-                                                region.row1],
-        "missing_inputs": list(key.missing),
-        "notes": notes,
-        "sr_sop_instance_uid": str(sr.SOPInstanceUID),
-        "sr_series_instance_uid": str(sr.SeriesInstanceUID),
-        "sr_instance": answer.get("ID"),
-        "sr_status": answer.get("Status"),
         "predecessor_sr": None if predecessor is None else str(predecessor.SOPInstanceUID),
-    }
+    })
+    return result
 
 
 def _predecessor(service: Service, job: Job, card: ModelCard) -> pydicom.Dataset | None:

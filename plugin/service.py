@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +27,7 @@ from pydicom.uid import UID
 from inference.backend import Backend, Batch
 from inference.card import CardError, ModelCard
 from inference.errors import BadInput, JobOutcome, SkipInput, TransientError
-from inference.postprocess import to_finding
+from inference.postprocess import Finding, to_finding
 from inference.preprocess import prepare_radiograph
 from inference.registry import Registry
 from inference.report import MANUFACTURER, build_sr
@@ -417,25 +417,34 @@ class Service:
                 image = np.repeat(image, channels, axis=-1)
             batch = Batch(image, prepared.features[None, :] if card.metadata else None)
             raw = self.backend.predict(card, batch)[0]
+        finding = to_finding(card, raw, prepared.image.geometry)
+        return self.report(card, ds, finding, study=stored.study,
+                           missing=prepared.missing_inputs, notes=prepared.image.notes)
+
+    def report(self, card: ModelCard, source: Dataset, finding: Finding, *, study: str,
+               missing: Sequence[str] = (), notes: Sequence[str] = (),
+               uids: tuple[str, str] | None = None,
+               predecessor: Dataset | None = None) -> dict[str, Any]:
+        """Build the SR, store it into the source's study, and describe the result."""
         with self._stage("report"):
-            finding = to_finding(card, raw, prepared.image.geometry)
-            sr = build_sr(ds, card, [finding], missing_inputs=prepared.missing_inputs)
+            sr = build_sr(source, card, [finding], missing_inputs=missing, notes=notes,
+                          uids=uids, predecessor=predecessor)
             buffer = io.BytesIO()
             sr.save_as(buffer, enforce_file_format=True)
         with self._stage("store"):
             answer = self.client.store(buffer.getvalue())
-        if answer.get("ParentStudy") not in (None, stored.study):
+        if answer.get("ParentStudy") not in (None, study):
             raise BadInput("the SR was filed under another study than its source")
         region = finding.region
         return {
             "finding": card.finding.meaning,
             "probability": round(finding.probability, 6),
             "positive": finding.positive,
-            "threshold": card.threshold,
+            "threshold": finding.threshold,
             "region": None if region is None else [region.col0, region.row0,
                                                     region.col1, region.row1],
-            "missing_inputs": list(prepared.missing_inputs),
-            "notes": list(prepared.image.notes),
+            "missing_inputs": list(missing),
+            "notes": list(notes),
             "sr_sop_instance_uid": str(sr.SOPInstanceUID),
             "sr_series_instance_uid": str(sr.SeriesInstanceUID),
             "sr_instance": answer.get("ID"),
