@@ -30,7 +30,7 @@ from inference.preprocess import prepare_radiograph
 from plugin.config import PROJECT_ROOT
 from tests.harness import STORESCU, OrthancAI, dx_corpus, write_config
 
-MODEL = PROJECT_ROOT / "models" / "limb-fracture-xr"
+MODEL_ID = "limb-fracture-xr"
 TARGETS = {"ingest_ratio": (">=", 0.95), "pipeline_efficiency": (">=", 0.8),
            "latency_p50_ratio": ("<=", 1.5), "latency_p95_ratio": ("<=", 1.5),
            "memory_growth": ("<=", 0.10)}
@@ -55,9 +55,9 @@ def orthanc_pid(server: OrthancAI) -> int:
     return server.proc.pid
 
 
-def bare_compute(files: list[Path], batch_size: int = 8) -> dict[str, float]:
+def bare_compute(files: list[Path], models: Path, batch_size: int = 8) -> dict[str, float]:
     """Decode + preprocess + batched predict in this plain process, no Orthanc."""
-    card = ModelCard.from_folder(MODEL)
+    card = ModelCard.from_folder(models / MODEL_ID)
     backend = InProcessBackend()
     backend.load(card)
     shape = tuple(card.image.shape[:2])
@@ -101,8 +101,12 @@ def bench_ingest(work: Path, files: list[Path], extra: dict) -> dict[str, float]
     off = write_config(work / "off.json", Enabled=False)
     out = {}
     for name, config in (("off", off), ("on", on)):
-        with OrthancAI(work / f"ingest-{name}", config=config) as server:
+        server = OrthancAI(work / f"ingest-{name}", config=config).start(
+            wait_ready=name == "on")
+        try:
             out[f"ingest_{name}_per_s"] = len(files) / storescu_seconds(server, files)
+        finally:
+            server.stop()
     out["ingest_ratio"] = out["ingest_on_per_s"] / out["ingest_off_per_s"]
     return out
 
@@ -191,18 +195,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory", type=int, nargs=2, default=(500, 5000))
     parser.add_argument("--backend", choices=("in-process", "http"), default="in-process")
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    parser.add_argument("--models", type=Path, default=PROJECT_ROOT / "models")
+    parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
     if args.quick:
         args.images, args.memory = 40, (50, 200)
     args.out.mkdir(parents=True, exist_ok=True)
-    extra = {"Backend": args.backend}
-    report: dict = {"backend": args.backend, "n_images": args.images,
+    extra = {"Backend": args.backend, "ModelsDirectory": str(args.models.resolve()),
+             "Workers": args.workers}
+    report: dict = {"backend": args.backend, "workers": args.workers, "n_images": args.images,
                     "date": time.strftime("%Y-%m-%d %H:%M"), "cpus": __import__("os").cpu_count()}
     with tempfile.TemporaryDirectory(prefix="orthanc-ai-bench-") as tmp:
         work = Path(tmp)
         files = dx_corpus(work / "dx", args.images, base_images=20, seed=8000, spacing_mm=0.2)
         report["image_size"] = list(pydicom.dcmread(files[0]).pixel_array.shape)
-        bare = bare_compute(files)
+        bare = bare_compute(files, args.models)
         report.update(bench_ingest(work, files, extra))
         report.update(bench_pipeline(work, files, extra, bare))
         report.update(bench_memory(work, *args.memory, extra))

@@ -121,7 +121,8 @@ def install() -> None:
         url, wait = ai.model_server_url, 0.0
         if not url:
             url, _ = start_model_server(ai.models_directory, storage / "orthanc-ai" /
-                                        "model-server.log", ai.tensorflow_threads)
+                                        "model-server.log", ai.tensorflow_threads,
+                                        ai.worker_nice)
             wait = 180.0  # TensorFlow's import and the model loads take a while
         backend = HttpBackend(url, timeout=ai.http_timeout_seconds, startup_wait=wait)
     else:

@@ -39,6 +39,7 @@ class AIConfig:
     backend: str = "in-process"  # or "http": a TF Serving / KServe V1 model server
     model_server_url: str = ""  # http backend; empty: the plugin starts our own server
     changes_poll_seconds: float = 1.0
+    worker_nice: int = 10  # 0-19: how much our threads yield the CPU to Orthanc's
     # AI.Routing: {"ExcludeByDefault": bool, "Rules": [...]}; None = card defaults
     routing_rules: tuple[Rule, ...] | None = None
     exclude_by_default: bool = True
@@ -66,6 +67,7 @@ _KEYS = {
     "Backend": "backend",
     "ModelServerUrl": "model_server_url",
     "ChangesPollSeconds": "changes_poll_seconds",
+    "WorkerNice": "worker_nice",
     "Routing": "routing_rules",
 }
 _SPECIAL = {"routing_rules", "exclude_by_default"}
@@ -147,6 +149,8 @@ def parse_ai_section(section: Any) -> AIConfig:
         raise ConfigError("AI.Workers must be at least 1")
     if config.max_attempts < 1:
         raise ConfigError("AI.MaxAttempts must be at least 1")
+    if config.worker_nice > 19:
+        raise ConfigError("AI.WorkerNice must be between 0 and 19")
     if config.backend not in ("in-process", "http"):
         raise ConfigError("AI.Backend must be 'in-process' or 'http'")
     if config.model_server_url and not config.model_server_url.startswith(("http://",

@@ -25,7 +25,7 @@ def venv_python(site_packages: str | None) -> Path:
 
 
 def start_model_server(
-    models: Path, log_path: Path, threads: int = 0
+    models: Path, log_path: Path, threads: int = 0, nice: int = 10
 ) -> tuple[str, subprocess.Popen]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -34,9 +34,9 @@ def start_model_server(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [str(python), "-m", "inference.server", "--models", str(models), "--host",
-             "127.0.0.1", "--port", str(port), "--threads", str(threads),
-             "--parent-pid", str(os.getpid())],
+            ["nice", "-n", str(nice), str(python), "-m", "inference.server",
+             "--models", str(models), "--host", "127.0.0.1", "--port", str(port),
+             "--threads", str(threads), "--parent-pid", str(os.getpid())],
             cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import queue
 import threading
 import time
@@ -140,7 +141,21 @@ class Service:
             t.join(timeout)
         self._threads = []
 
+    def _lower_priority(self) -> None:
+        """Let Orthanc's own threads (C-STORE, HTTP) win the CPU over our work.
+
+        Linux keeps a nice value per thread; the threads TensorFlow creates
+        inherit it from the thread that first runs a model.
+        """
+        if self.config.worker_nice:
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                               self.config.worker_nice)
+            except (AttributeError, OSError):
+                pass
+
     def _load_models(self) -> None:
+        self._lower_priority()
         for card in list(self.registry.cards.values()):
             try:
                 self.backend.load(card)
@@ -192,6 +207,7 @@ class Service:
     # -- worker loop -------------------------------------------------------------
 
     def _loop(self) -> None:
+        self._lower_priority()
         self._ready.wait()
         while not self._stop.is_set():
             try:

@@ -57,8 +57,10 @@ class OrthancAI:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"Orthanc exited ({self.proc.returncode}):\n{self.log_tail()}")
             try:
-                models = self.get("/ai/models")
-                if models["ready"] or not wait_ready:
+                if not wait_ready:
+                    self.get("/system")  # Orthanc answers; the plugin may be off
+                    return self
+                if self.get("/ai/models")["ready"]:
                     return self
             except (requests.RequestException, ValueError):
                 pass
