@@ -60,12 +60,22 @@ def device_uid(card: ModelCard) -> str:
     return derived_uid("orthanc-ai/device", card.id)
 
 
+_BULK = {"PixelData", "FloatPixelData", "DoubleFloatPixelData", "IconImageSequence",
+         "ModalityLUTSequence", "VOILUTSequence", "RedPaletteColorLookupTableData",
+         "GreenPaletteColorLookupTableData", "BluePaletteColorLookupTableData"}
+
+
 def _header_only(ds: Dataset) -> Dataset:
-    """Copy without bulk pixel data: highdicom reads only identifying attributes."""
+    """The source's public header without bulk data (pixels, LUTs, overlays, icons).
+
+    highdicom copies the patient and study modules from it and deep-copies
+    what it is given: vendor private blocks and LUTs would only cost time.
+    """
     out = Dataset()
     for elem in ds:
-        if elem.keyword not in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
-            out.add(elem)
+        if elem.tag.is_private or elem.tag.group >= 0x5000 or elem.keyword in _BULK:
+            continue
+        out.add(elem)
     if hasattr(ds, "file_meta"):
         out.file_meta = ds.file_meta
     return out

@@ -27,6 +27,9 @@ class OrthancClient:
         self.timeout = timeout
         self.session = requests.Session()
         self.session.trust_env = False  # never route loopback traffic through a proxy
+        # Orthanc gzips answers for clients that accept it: on loopback that only
+        # burns CPU (about 150 ms for a 2 MB radiograph on this machine).
+        self.session.headers["Accept-Encoding"] = "identity"
         if token:
             self.session.headers["Authorization"] = token
         if self.base_url.startswith("https://"):

@@ -67,6 +67,19 @@ _COARSE_MM = 2.0
 _TEXTURE_MM = 0.5
 _MAX_STORED = 4095  # 12 bits stored
 
+# Line-like structures the renderer reports (Rendered.details["structures"]),
+# normal anatomy first, then fracture appearances.
+STRUCTURE_KINDS: tuple[str, ...] = (
+    "physis",
+    "physeal_scar",
+    "arrest_line",
+    "nutrient_canal",
+    "physeal_fracture",
+    "fracture_line",
+    "incomplete_fracture",
+    "sclerotic_fracture",
+)
+
 
 @dataclass(frozen=True)
 class Case:
@@ -158,7 +171,9 @@ class Rendered:
         (``theta_deg``), which bone end is in the field (``visible_end``),
         the fracture's bone, position and site, and two landmarks in output
         pixels, ``bone_px`` (dense bone) and ``air_px`` (direct exposure,
-        or None).
+        or None), and ``structures``: (kind, box) of every physis, scar,
+        growth-arrest line, nutrient canal and fracture drawn, boxes in
+        continuous output pixel coordinates.
     """
 
     stored: np.ndarray
@@ -249,14 +264,14 @@ def sample_case(
     body_part = str(rng.choice(parts, p=list(BODY_PARTS.values())))
     # Individual scatter around the population mean (about 12 % SD) keeps BMD
     # a weak, not a decisive, cue to age.
-    bmd = float(np.clip(mean_bmd(age, sex) * math.exp(rng.normal(0.0, 0.12)), 0.3, 1.5))
+    bmd = float(np.clip(mean_bmd(age, sex) * math.exp(rng.normal(0.0, 0.15)), 0.3, 1.5))
     closure = physis_closure_age(sex) + rng.normal(0.0, 0.8)
     physes_open = age < closure
     # Park-Harris lines: common in the young, fading with remodelling in later life.
-    p_arrest = float(np.interp(age, [3.0, 40.0, 70.0], [0.55, 0.5, 0.05]))
+    p_arrest = float(np.interp(age, [3.0, 40.0, 70.0], [0.75, 0.6, 0.05]))
     arrest = int(rng.integers(1, 4)) if rng.random() < p_arrest else 0
     scar = (not physes_open) and rng.random() < float(np.interp(age, [18, 50, 80], [0.5, 0.4, 0.15]))
-    canal = rng.random() < (0.45 if age >= 18.0 else 0.15)
+    canal = rng.random() < (0.45 if age >= 18.0 else 0.1)
 
     is_fracture = bool(rng.random() < prevalence) if fracture is None else bool(fracture)
     kind = site = None
@@ -264,29 +279,44 @@ def sample_case(
     gap = angle = displacement = band = 0.0
     if is_fracture:
         # Insufficiency fractures need fragile bone: a sizeable share in the
-        # older, low-BMD population, almost none in the young.
+        # older, low-BMD population, almost none in the young. They look like
+        # growth-arrest lines, which are common in the young.
         p_scl = 0.0
         if age >= 50.0:
-            p_scl = float(np.clip((1.0 - bmd) / 0.35, 0.0, 1.0)) * 0.65
+            p_scl = float(np.clip((1.05 - bmd) / 0.35, 0.0, 1.0)) * 0.8
         kind = "sclerotic" if rng.random() < p_scl else "lucent"
         if kind == "lucent":
-            # "physeal": at the level of the growth plate (or its scar), where
-            # a transverse fracture looks most like an open physis.
+            # Each age has its look-alike: in adults a transverse fracture at
+            # the level of the closed physis (across both bones of a forearm or
+            # leg, like a both-bone fracture) looks like the open physes of a
+            # child; in children a greenstick-like crack through one cortex
+            # looks like an adult's nutrient canal.
+            p_physeal, p_incomplete = (0.0, 0.35) if physes_open else (0.55, 0.08)
             draw = rng.random()
-            site = "physeal" if draw < 0.15 else ("metaphysis" if draw < 0.55 else "shaft")
-            incomplete = site != "physeal" and bool(rng.random() < (0.3 if age < 18.0 else 0.15))
-            if site == "physeal":
+            if draw < p_physeal:
+                site = "physeal"
                 gap = float(rng.uniform(1.0, 2.5))
-                angle = float(rng.uniform(-8.0, 8.0))
+                angle = float(rng.uniform(-5.0, 5.0))
+                displacement = 0.0 if rng.random() < 0.8 else float(rng.uniform(0.3, 1.0))
             else:
-                gap = float(rng.uniform(0.8, 2.2))
-                transverse = rng.random() < 0.45
-                angle = float(rng.uniform(-10.0, 10.0) if transverse else rng.uniform(-45.0, 45.0))
-            displacement = 0.0 if rng.random() < 0.5 else float(rng.uniform(0.3, 3.0))
+                site = "metaphysis" if rng.random() < 0.45 else "shaft"
+                if draw < p_physeal + p_incomplete:
+                    incomplete = True
+                    gap = float(rng.uniform(0.5, 1.0))
+                    angle = float(rng.uniform(35.0, 65.0)) * (1 if rng.random() < 0.5 else -1)
+                else:
+                    gap = float(rng.uniform(0.8, 2.2))
+                    # Children's complete fractures are mostly oblique; a
+                    # transverse line near a child's bone end is the physis.
+                    transverse = rng.random() < (0.15 if physes_open else 0.45)
+                    angle = float(
+                        rng.uniform(-10.0, 10.0) if transverse else rng.uniform(-45.0, 45.0)
+                    )
+                    displacement = 0.0 if rng.random() < 0.5 else float(rng.uniform(0.3, 3.0))
         else:
-            site = "metaphysis" if rng.random() < 0.6 else "shaft"
-            band = float(rng.uniform(1.5, 4.5))
-            angle = float(rng.uniform(-15.0, 15.0))
+            site = "metaphysis" if rng.random() < 0.7 else "shaft"
+            band = float(rng.uniform(1.2, 3.5))
+            angle = float(rng.uniform(-10.0, 10.0))
 
     low, high = field_range_mm
     rows_mm = float(rng.uniform(low, high))
@@ -328,6 +358,22 @@ def _resize(arr: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     img = Image.fromarray(np.ascontiguousarray(arr, dtype=np.float32), mode="F")
     out = img.resize((shape[1], shape[0]), Image.Resampling.BILINEAR)
     return np.array(out, dtype=np.float32)  # a writable copy
+
+
+def _fast_len(n: int) -> int:
+    """Smallest 5-smooth number >= n (FFT sizes with only factors 2, 3, 5 are fast)."""
+    best = 1 << max(n - 1, 1).bit_length()
+    p5 = 1
+    while p5 < best:
+        p35 = p5
+        while p35 < best:
+            p = p35
+            while p < n:
+                p *= 2
+            best = min(best, p)
+            p35 *= 3
+        p5 *= 5
+    return best
 
 
 def _gaussian_fft(arr: np.ndarray, sigma_px: float) -> np.ndarray:
@@ -463,14 +509,18 @@ def render(case: Case, rng: np.random.Generator) -> Rendered:
     v = (-yy * st + xx * ct).astype(np.float32)
 
     bones, details = _place_bones(case, rng, height, width, theta)
-    frac = _place_fracture(case, rng, bones, height, width, theta) if case.fracture else None
-    if frac is not None:
-        details.update({k: frac[k] for k in ("site", "bone", "u")})
+    frac = None
+    if case.fracture:
+        frac = _place_fracture(case, rng, bones, str(details["visible_end"]), height, width,
+                               theta)
+        details.update({"site": frac["site"], "fractured_bones": sorted(frac["u"])})
 
     # Trabecular texture on a fixed 0.5 mm grid (its pass band ends below
     # 1 cycle/mm), so that it is the same at every output spacing.
     tex_shape = (max(round(height / _TEXTURE_MM), 8), max(round(width / _TEXTURE_MM), 8))
-    texture = _resize(_oriented_texture(rng, tex_shape, _TEXTURE_MM, theta), shape)
+    fft_shape = (_fast_len(tex_shape[0]), _fast_len(tex_shape[1]))
+    texture = _oriented_texture(rng, fft_shape, _TEXTURE_MM, theta)
+    texture = _resize(texture[: tex_shape[0], : tex_shape[1]], shape)
     bmd, contrast = case.bmd, case.contrast
     # Excess attenuation over soft tissue per mm (soft tissue = 1.0 per mm,
     # scaled later): cortex and trabecular bone; density raises both and the
@@ -481,14 +531,15 @@ def render(case: Case, rng: np.random.Generator) -> Rendered:
 
     bone_att = np.zeros(shape, np.float32)
     box = None
+    structures: list[tuple[str, tuple[float, float, float, float]]] = []
     scale = (out_shape[0] / shape[0], out_shape[1] / shape[1])
     for index, bone in enumerate(bones):
         # Each bone is computed only within its bounding window.
         win = _bone_window(bone, u, v)
         if win is None:
             continue
-        fractured = frac is not None and frac["bone"] == index
-        att, fmask = _render_bone(
+        frac_u = frac["u"].get(index) if frac is not None else None
+        att, fmask, found = _render_bone(
             case,
             rng,
             bone,
@@ -497,11 +548,25 @@ def render(case: Case, rng: np.random.Generator) -> Rendered:
             texture[win],
             px,
             (mu_cortex, mu_trab, tex_amp),
-            frac if fractured else None,
+            frac_u,
+            frac["end"] if frac is not None and frac_u is not None else None,
         )
         bone_att[win] += att
+        origin = (win[0].start, win[1].start)
         if fmask is not None:
-            box = _mask_box(fmask, scale, (win[0].start, win[1].start))
+            box = _union(box, _mask_box(fmask, scale, origin))
+        for kind, (r0, c0, r1, c1) in found:
+            structures.append(
+                (
+                    kind,
+                    (
+                        (origin[0] + r0) * scale[0],
+                        (origin[1] + c0) * scale[1],
+                        (origin[0] + r1) * scale[0],
+                        (origin[1] + c1) * scale[1],
+                    ),
+                )
+            )
     bone_att += _render_joint_partners(rng, bones, u, v, mu_cortex, mu_trab, texture, tex_amp)
 
     soft = _render_soft_tissue(case, rng, bones, u, v, shape, px)
@@ -529,6 +594,7 @@ def render(case: Case, rng: np.random.Generator) -> Rendered:
         np.subtract(_MAX_STORED, stored, out=stored)
         window = (_MAX_STORED - window[0], window[1])
     details["theta_deg"] = math.degrees(theta)
+    details["structures"] = structures
     return Rendered(
         stored=stored,
         spacing_mm=(height / out_shape[0], width / out_shape[1]),
@@ -538,6 +604,15 @@ def render(case: Case, rng: np.random.Generator) -> Rendered:
         case=case,
         details=details,
     )
+
+
+def _union(
+    a: tuple[float, float, float, float] | None, b: tuple[float, float, float, float] | None
+) -> tuple[float, float, float, float] | None:
+    """Bounding box of two boxes, either of which may be None."""
+    if a is None or b is None:
+        return a if b is None else b
+    return (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
 
 
 def _to_out(row: int, col: int, scale: tuple[float, float]) -> tuple[int, int]:
@@ -579,14 +654,12 @@ def _place_bones(
     radii = anatomy["radii"]
     # Children have somewhat smaller bones; body size varies more than that,
     # so size is only a weak hint of age.
-    size = float(np.interp(case.age_years, [3.0, 16.0], [0.82, 1.0])) * rng.normal(1.0, 0.09)
+    size = float(np.interp(case.age_years, [3.0, 16.0], [0.92, 1.0])) * rng.normal(1.0, 0.09)
     half_len = height / 2 / max(math.cos(theta), 0.5)
     length = rng.uniform(1.1, 1.6) * max(height, 200.0)
-    # Which end of the first bone is inside (or just outside) the field.
-    if case.fracture_site in ("metaphysis", "physeal"):
-        which = ("lo", "hi")[int(rng.integers(2))]
-    else:
-        which = str(rng.choice(["none", "lo", "hi"], p=[0.3, 0.35, 0.35]))
+    # Which end of the first bone is inside (or just outside) the field. Drawn
+    # the same way with and without fracture: geometry must not hint at the label.
+    which = str(rng.choice(["none", "lo", "hi"], p=[0.2, 0.4, 0.4]))
     if which == "none":
         centre = rng.uniform(-0.1, 0.1) * length
         length = max(length, 2 * half_len + 60.0 + 2 * abs(centre))
@@ -624,7 +697,7 @@ def _place_bones(
                 # Cortical thickness follows BMD (endosteal resorption in the elderly).
                 cortex=radius * rng.uniform(0.22, 0.3) * min(case.bmd, 1.25) ** 1.1,
                 epi_len=radius * (1 + flare) * rng.uniform(0.8, 1.2),
-                epi_scale=float(np.interp(case.age_years, [3.0, 10.0], [0.8, 1.0])),
+                epi_scale=float(np.interp(case.age_years, [3.0, 10.0], [0.9, 1.0])),
             )
         )
     return bones, {"visible_end": which, "n_bones": len(bones)}
@@ -634,39 +707,55 @@ def _place_fracture(
     case: Case,
     rng: np.random.Generator,
     bones: list[_Bone],
+    end: str,
     height: float,
     width: float,
     theta: float,
 ) -> dict[str, object]:
-    """Fracture position: inside the field and inside the 256 mm the model sees."""
+    """Where the fracture goes: inside the field and inside the 256 mm the model sees.
+
+    Metaphyseal and physeal-level fractures need a bone end in view (``end``);
+    without one, or when their place falls outside the view, the fracture
+    goes to the shaft. Returns ``site``, ``end`` (physeal level only) and
+    ``u``: the fracture's position along the axis for each fractured bone.
+    """
     lim_y = min(height, 256.0) / 2 - 22.0
     lim_x = min(width, 256.0) / 2 - 22.0
     ct, st = math.cos(theta), math.sin(theta)
+
+    def in_view(bone: _Bone, uf: float) -> bool:
+        vf = float(bone.centre(uf))
+        return abs(uf * ct - vf * st) < lim_y and abs(uf * st + vf * ct) < lim_x
+
+    def from_tip(bone: _Bone, depth: float) -> float:
+        return bone.u_hi - depth if end == "hi" else bone.u_lo + depth
+
     site = case.fracture_site or "shaft"
-    for attempt in range(200):
+    if site == "physeal" and end != "none":
+        # At the physis level of every bone whose physis is in view.
+        at = {k: from_tip(b, b.epi_len) for k, b in enumerate(bones)}
+        at = {k: uf for k, uf in at.items() if in_view(bones[k], uf)}
+        if 0 in at:
+            return {"site": "physeal", "end": end, "u": at}
+        site = "metaphysis"
+    if site == "metaphysis" and end != "none":
+        # Between the physis and ~30 mm into the metaphysis: where the physis
+        # and growth-arrest lines are.
+        for _ in range(60):
+            index = 0 if (len(bones) == 1 or rng.random() < 0.65) else 1
+            uf = from_tip(bones[index], bones[index].epi_len + rng.uniform(1.0, 30.0))
+            if in_view(bones[index], uf):
+                return {"site": "metaphysis", "end": None, "u": {index: uf}}
+    for _ in range(200):
         index = 0 if (len(bones) == 1 or rng.random() < 0.65) else 1
         bone = bones[index]
-        if site in ("metaphysis", "physeal") and attempt < 150:
-            # Between the physis and ~30 mm into the metaphysis: where the
-            # physis and growth-arrest lines are; or right at the physis level.
-            if site == "physeal":
-                depth = bone.epi_len + rng.uniform(-1.0, 3.0)
-            else:
-                depth = bone.epi_len + rng.uniform(1.0, 30.0)
-            uf = bone.u_hi - depth if rng.random() < 0.5 else bone.u_lo + depth
-        else:
-            uf = rng.uniform(-lim_y - 40, lim_y + 40)
-            if min(uf - bone.u_lo, bone.u_hi - uf) < bone.epi_len + 1.0:
-                continue
-            if site == "shaft" and min(uf - bone.u_lo, bone.u_hi - uf) < bone.epi_len + 20.0:
-                continue
-        vf = float(bone.centre(uf))
-        y, x = uf * ct - vf * st, uf * st + vf * ct
-        if abs(y) < lim_y and abs(x) < lim_x:
-            actual = site if attempt < 150 else "shaft"
-            return {"bone": index, "u": float(uf), "site": actual}
+        uf = float(rng.uniform(-lim_y - 40, lim_y + 40))
+        if min(uf - bone.u_lo, bone.u_hi - uf) < bone.epi_len + 20.0:
+            continue
+        if in_view(bone, uf):
+            return {"site": "shaft", "end": None, "u": {index: uf}}
     # Could not honour the constraints (tiny field): centre of the first bone.
-    return {"bone": 0, "u": 0.0, "site": "shaft"}
+    return {"site": "shaft", "end": None, "u": {0: 0.0}}
 
 
 def _render_bone(
@@ -678,19 +767,32 @@ def _render_bone(
     texture: np.ndarray,
     px: float,
     mu: tuple[float, float, float],
-    frac: dict[str, object] | None,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Excess attenuation of one bone (and its fracture mask, if fractured).
+    frac_u: float | None,
+    physeal_end: str | None,
+) -> tuple[np.ndarray, np.ndarray | None, list[tuple[str, tuple[int, int, int, int]]]]:
+    """Excess attenuation of one bone, its fracture mask, and the line-like structures drawn.
 
     ``u``, ``v`` and ``texture`` cover the bone's window; ``mu`` holds the
     cortical and trabecular attenuation and the texture amplitude.
+    ``frac_u`` is where this bone is fractured (None: intact), at the level
+    of the physis of ``physeal_end`` ("lo"/"hi") for physeal-level fractures.
+    The structures are (kind, box) with boxes in window pixels (row0, col0,
+    row1, col1); kinds are listed in :data:`STRUCTURE_KINDS`.
     """
     mu_cortex, mu_trab, tex_amp = mu
     centre = bone.centre(u)
     dv = v - centre
     s_frac = None
-    if frac is not None:
-        uf = float(frac["u"])
+    fmask = None
+    found: list[tuple[str, tuple[int, int, int, int]]] = []
+
+    def note(kind: str, m: np.ndarray, win: tuple[slice, slice]) -> None:
+        local = _local_box((m > 0.3) & inside[win], win)
+        if local is not None:
+            found.append((kind, local))
+
+    if frac_u is not None:
+        uf = frac_u
         phi = math.radians(case.fracture_angle_deg)
         # Signed distance to the fracture line through (uf, centre(uf)).
         s_frac = (u - uf) * math.cos(phi) - dv * math.sin(phi)
@@ -728,15 +830,16 @@ def _render_bone(
     inside = outer > 0
     pad = int(math.ceil(4.0 / px))
 
-    # Physes (open) or physeal scars (closed), at each end.
-    for end_d in (d_lo, d_hi):
+    # Physes (open) or physeal scars (closed) at each end; a physeal-level
+    # fracture is drawn like an open physis, which is what makes it a mimic.
+    for end_name, end_d in (("lo", d_lo), ("hi", d_hi)):
         region = inside & (np.abs(end_d - bone.epi_len) < 6.0)
         win = _window_slices(region, pad)
         if win is None:
             continue
         d_w, dv_w = end_d[win], dv[win]
         r_here = bone.radius * (1 + bone.flare)
-        # Wavy, gently curved plate (PS: real physes undulate).
+        # Wavy, gently curved plate (real physes undulate).
         pos = bone.epi_len + _wiggle(rng, dv_w, 0.6, (4.0, 12.0)) + rng.uniform(-1.5, 1.5) * (
             dv_w / r_here
         ) ** 2
@@ -749,9 +852,19 @@ def _render_bone(
             keep = 1.0 - 0.9 * m
             medulla[win] *= keep
             cortex[win] *= keep
+            note("physis", m, win)
         elif case.physeal_scar:
             m = _band(d_w - pos, rng.uniform(0.3, 0.6), px)
             medulla[win] += m * medulla_path[win] * mu_trab * rng.uniform(0.4, 1.0)
+            note("physeal_scar", m, win)
+        if physeal_end == end_name:
+            m = _band(d_w - pos - rng.uniform(-0.5, 1.0), case.fracture_gap_mm / 2, px)
+            keep = 1.0 - rng.uniform(0.75, 0.95) * m
+            medulla[win] *= keep
+            cortex[win] *= keep
+            fmask = np.zeros(u.shape, dtype=bool)
+            fmask[win] = (m > 0.3) & inside[win]
+            note("physeal_fracture", m, win)
 
     # Growth-arrest lines: thin sclerotic lines in the medulla, parallel to the physis.
     for end_d in (d_lo, d_hi):
@@ -761,32 +874,44 @@ def _render_bone(
             win = _window_slices(region, pad)
             if win is None:
                 continue
-            pos = at + _wiggle(rng, dv[win], 0.3, (5.0, 15.0))
-            m = _band(end_d[win] - pos, rng.uniform(0.25, 1.0), px)
-            gain = rng.uniform(0.8, 2.0) * mu_trab / max(case.bmd, 0.5) ** 0.5
+            pos = at + _wiggle(rng, dv[win], 0.6, (3.0, 10.0))
+            # 1-3 mm, as dense as an insufficiency band: only age tells them apart.
+            m = _band(end_d[win] - pos, rng.uniform(0.5, 1.5), px * rng.uniform(1.0, 2.5))
+            gain = rng.uniform(0.8, 1.8) * mu_trab / max(case.bmd, 0.5) ** 0.5
             medulla[win] += m * medulla_path[win] * gain
             cortex[win] *= 1.0 + 0.15 * m
+            note("arrest_line", m, win)
 
     # Nutrient canal: thin oblique lucency through one cortex only.
     if case.nutrient_canal:
         un = rng.uniform(-60.0, 60.0)
         side = 1.0 if rng.random() < 0.5 else -1.0
-        slope = math.tan(math.radians(rng.uniform(20.0, 45.0))) * (1 if rng.random() < 0.5 else -1)
+        # 35-65 degrees from transverse, like a greenstick crack (its mimic).
+        slope = math.tan(math.radians(rng.uniform(35.0, 65.0))) * (1 if rng.random() < 0.5 else -1)
         region = inside & (np.abs(u - un) < 20.0)
         win = _window_slices(region, pad)
         if win is not None:
             sd = side * dv[win]
             r_w = r_out[win]
-            in_cortex = np.clip((sd - (r_w - thick[win] * 1.2)) / px, 0.0, 1.0)
+            in_cortex = np.clip((sd - (r_w - thick[win] * rng.uniform(1.2, 2.0))) / px, 0.0, 1.0)
             line = (u[win] - un) - slope * (sd - r_w)
             m = _band(line * math.cos(math.atan(slope)), rng.uniform(0.25, 0.45), px) * in_cortex
-            cortex[win] *= 1.0 - rng.uniform(0.5, 0.85) * m
+            keep = 1.0 - rng.uniform(0.6, 0.95) * m
+            cortex[win] *= keep
+            medulla[win] *= keep
+            note("nutrient_canal", m, win)
 
-    fmask = None
-    if frac is not None and s_frac is not None:
-        fmask = _apply_fracture(case, rng, bone, u, dv, s_frac, inside, px, pad, medulla, cortex,
-                                medulla_path, mu_trab)
-    return cortex + medulla, fmask
+    if s_frac is not None and physeal_end is None:
+        fmask = _apply_fracture(
+            case, rng, bone, u, dv, s_frac, inside, px, pad, medulla, cortex, medulla_path, mu_trab
+        )
+        if case.fracture_kind == "sclerotic":
+            kind = "sclerotic_fracture"
+        else:
+            kind = "incomplete_fracture" if case.fracture_incomplete else "fracture_line"
+        full = (slice(0, u.shape[0]), slice(0, u.shape[1]))
+        note(kind, fmask.astype(np.float32), full)
+    return cortex + medulla, fmask, found
 
 
 def _apply_fracture(
@@ -819,9 +944,9 @@ def _apply_fracture(
         half = case.fracture_gap_mm / 2 * (1.0 + 0.35 * _wiggle(rng, along, 1.0, (3.0, 12.0)))
         m = _band(s_irr, np.maximum(half, 0.2), px)
         if case.fracture_incomplete:
-            # From one cortex part way across the bone (greenstick-like).
+            # Through one cortex only (greenstick-like), as a nutrient canal.
             side = 1.0 if rng.random() < 0.5 else -1.0
-            cut = bone.radius * rng.uniform(-0.4, 0.3)
+            cut = bone.radius * rng.uniform(0.5, 0.8)
             m = m * np.clip((side * dv_w - cut) / px, 0.0, 1.0)
         depth = rng.uniform(0.6, 0.95)
         keep = 1.0 - depth * m
@@ -951,6 +1076,16 @@ def _tone_map(
     width = gain * rng.uniform(0.95, 1.2) * _MAX_STORED
     window = (round(float(center), 1), round(float(width), 1))
     return value.astype(np.float32), (sigma * slope).astype(np.float32), window
+
+
+def _local_box(mask: np.ndarray, win: tuple[slice, slice]) -> tuple[int, int, int, int] | None:
+    """Bounding box (row0, col0, row1, col1) of a sub-window mask in window pixels."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    r, c = win[0].start, win[1].start
+    return (r + int(rows[0]), c + int(cols[0]), r + int(rows[-1]) + 1, c + int(cols[-1]) + 1)
 
 
 def _mask_box(
