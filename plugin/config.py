@@ -35,7 +35,8 @@ class AIConfig:
     http_timeout_seconds: float = 60.0
     max_attempts: int = 3
     retry_backoff_seconds: float = 5.0
-    batch_size: int = 8  # slices of a volume per model call
+    batch_size: int = 8  # images (or slices of a volume) per model call
+    batch_wait_ms: float = 0.0  # how long to wait for more images to fill a batch
     backend: str = "in-process"  # or "http": a TF Serving / KServe V1 model server
     model_server_url: str = ""  # http backend; empty: the plugin starts our own server
     changes_poll_seconds: float = 1.0
@@ -64,6 +65,7 @@ _KEYS = {
     "MaxAttempts": "max_attempts",
     "RetryBackoffSeconds": "retry_backoff_seconds",
     "BatchSize": "batch_size",
+    "BatchWaitMs": "batch_wait_ms",
     "Backend": "backend",
     "ModelServerUrl": "model_server_url",
     "ChangesPollSeconds": "changes_poll_seconds",

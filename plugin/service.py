@@ -29,7 +29,7 @@ from inference.backend import Backend, Batch
 from inference.card import CardError, ModelCard
 from inference.errors import BadInput, JobOutcome, SkipInput, TransientError
 from inference.postprocess import Finding, to_finding
-from inference.preprocess import prepare_radiograph
+from inference.preprocess import ModelInput, prepare_radiograph
 from inference.registry import Registry
 from inference.report import MANUFACTURER, build_sr
 from inference.routing import Router
@@ -60,6 +60,15 @@ _NON_IMAGE_PREFIXES = (
     "1.2.840.10008.5.1.4.1.1.481.9",
     "1.2.840.10008.5.1.1.",  # printing, basic film
 )
+
+
+def _batch(card: ModelCard, inputs: Sequence[ModelInput]) -> Batch:
+    """Stack prepared radiographs into the card's input shape."""
+    images = np.stack([i.image.pixels for i in inputs])[..., None]
+    if card.image.shape[2] != 1:
+        images = np.repeat(images, card.image.shape[2], axis=-1)
+    features = np.stack([i.features for i in inputs]) if card.metadata else None
+    return Batch(images, features)
 
 
 def sop_class_name(uid: str) -> str:
@@ -215,24 +224,40 @@ class Service:
                 if job is not None:
                     self.run_job(job)
                     continue
-                try:
-                    kind, resource, queued_at = self._inbox.get_nowait()
-                except queue.Empty:
-                    taken = self.store.take_from_inbox()
-                    if taken is None:
-                        try:
-                            kind, resource, queued_at = self._inbox.get(timeout=0.2)
-                        except queue.Empty:
-                            continue
+                item = self._next_item(0.2)
+                if item is None:
+                    continue
+                # Gather what is waiting (up to BatchSize, waiting at most BatchWaitMs)
+                # so that images for the same model share one model call.
+                pending: list[tuple[Job, Stored]] = []
+                deadline = time.monotonic() + self.config.batch_wait_ms / 1000.0
+                while item is not None:
+                    kind, resource, queued_at = item
+                    if kind == "series":
+                        triage_series(self, resource)
                     else:
-                        kind, resource, queued_at = taken
-                if kind == "series":
-                    triage_series(self, resource)
-                else:
-                    self.triage(resource, queued_at, force=kind == "reprocess")
+                        pending += self.triage(resource, queued_at, force=kind == "reprocess")
+                    if len(pending) >= self.config.batch_size:
+                        break
+                    item = self._next_item(max(0.0, deadline - time.monotonic()))
+                self.run_instance_jobs(pending)
             except Exception:  # the loop itself must survive anything
                 log.exception("orthanc-ai: worker error")
                 time.sleep(1.0)
+
+    def _next_item(self, timeout: float) -> tuple[str, str, float] | None:
+        """Next instance or series: the callback's fast path first, then the change log's."""
+        try:
+            return self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+        taken = self.store.take_from_inbox()
+        if taken is not None or timeout <= 0:
+            return taken
+        try:
+            return self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
 
     @contextmanager
     def _stage(self, name: str):
@@ -295,17 +320,17 @@ class Service:
         return {"instances": len(instances), "series": len(series), "requeued": requeued}
 
     def triage(self, instance_id: str, queued_at: float | None = None,
-               force: bool = False) -> None:
-        """Decide what to do with a newly stored instance and run its jobs.
+               force: bool = False) -> list[tuple[Job, Stored]]:
+        """Decide what to do with a newly stored instance; return its claimed jobs.
 
         Whatever happens, the instance ends with a job in a visible state,
         except our own SRs and slices whose series job will report on them.
         """
         queued_at = queued_at or time.time()
         if not force and self.store.for_instance(instance_id):
-            return  # seen before (resend, replayed change): handled or in progress
+            return []  # seen before (resend, replayed change): handled or in progress
         try:
-            self._triage(instance_id, queued_at)
+            return self._triage(instance_id, queued_at)
         except TransientError as exc:
             # Orthanc itself is unreachable or overloaded: try again shortly.
             log.warning("orthanc-ai: triage of an instance postponed: %s", exc.reason)
@@ -316,26 +341,27 @@ class Service:
             self.store.add(instance_id, study=None, series=None, state="failed",
                            reason=f"internal error: {type(exc).__name__}: {exc}")
             self.metrics.finished.labels("failed").inc()
+        return []
 
-    def _triage(self, instance_id: str, queued_at: float) -> None:
+    def _triage(self, instance_id: str, queued_at: float) -> list[tuple[Job, Stored]]:
         try:
             located = self._locate(instance_id)
             meta = self.client.instance_metadata(instance_id)
         except InstanceGone:
             self.store.add(instance_id, study=None, series=None, state="skipped",
                            reason="instance deleted before it could be processed")
-            return
+            return []
         _, study, series, modality = located
         sop_class = meta.get("SopClassUid", "")
         try:
             reason = non_image_reason(sop_class)
             if reason is not None:
                 if self._is_own_output(instance_id, sop_class):
-                    return
+                    return []
                 raise SkipInput(reason)
             if not self.router.wants(modality, "instance"):
                 if self.router.wants(modality, "series"):
-                    return  # a slice of a volume: its series job reports on it
+                    return []  # a slice of a volume: its series job reports on it
                 raise SkipInput(f"no rule matched (Modality {modality or 'missing'})")
             stored = self._fetch(instance_id, queued_at, located)
             ds = stored.dataset
@@ -349,12 +375,14 @@ class Service:
             self.store.add(instance_id, study=study, series=series, state=state,
                            reason=exc.reason)
             self.metrics.finished.labels(state).inc()
-            return
+            return []
+        pending = []
         for card in cards:
             job = self.store.add(instance_id, study=study, series=series,
                                  model=card.id, version=card.version)
             if job is not None and (claimed := self.store.claim(job.id)) is not None:
-                self.run_job(claimed, stored)
+                pending.append((claimed, stored))
+        return pending
 
     def _is_own_output(self, instance_id: str, sop_class: str) -> bool:
         if not sop_class.startswith("1.2.840.10008.5.1.4.1.1.88."):
@@ -372,20 +400,34 @@ class Service:
             # An outcome decided before routing, retried by an operator: decide again.
             self.store.delete(job.id)
             if job.instance:
-                self.triage(job.instance, force=True)
+                self.run_instance_jobs(self.triage(job.instance, force=True))
             elif job.series:
                 triage_series(self, job.series)
             return
+        if job.instance:
+            self.run_instance_jobs([(job, stored)])
+            return
+        with self._outcome(job) as done:
+            card = self._card(job)
+            done(analyse_series(self, job, card), job.created)
+
+    def _card(self, job: Job) -> ModelCard:
+        card = self.registry.cards.get(job.model)
+        if card is None or card.version != job.model_version:
+            raise BadInput(f"model {job.model} {job.model_version} is not loaded")
+        return card
+
+    @contextmanager
+    def _outcome(self, job: Job):
+        """Record how a job ended: ``done(result, queued_at)``, or the error's state."""
+
+        def done(result: dict[str, Any], queued_at: float) -> None:
+            self.store.finish(job.id, "done", result=result)
+            self.metrics.finished.labels("done").inc()
+            self.metrics.end_to_end.observe(max(0.0, time.time() - queued_at))
+
         try:
-            card = self.registry.cards.get(job.model)
-            if card is None or card.version != job.model_version:
-                raise BadInput(f"model {job.model} {job.model_version} is not loaded")
-            if not job.instance:
-                result = analyse_series(self, job, card)
-            else:
-                if stored is None:
-                    stored = self._fetch(job.instance, job.created)
-                result = self._analyse(card, stored)
+            yield done
         except TransientError as exc:
             self._retry_or_give_up(job, exc.reason)
             return
@@ -398,11 +440,34 @@ class Service:
             # An unexpected error is a bug or a model failure; it may be transient.
             log.exception("orthanc-ai: job %d failed", job.id)
             self._retry_or_give_up(job, f"{type(exc).__name__}: {exc}")
-            return
-        self.store.finish(job.id, "done", result=result)
-        self.metrics.finished.labels("done").inc()
-        queued_at = stored.queued_at if stored is not None else job.created
-        self.metrics.end_to_end.observe(max(0.0, time.time() - queued_at))
+
+    def run_instance_jobs(self, pending: list[tuple[Job, Stored | None]]) -> None:
+        """Run instance jobs, one model call per model for all of them."""
+        prepared: dict[str, list[tuple[Job, Stored, ModelInput]]] = {}
+        for job, stored in pending:
+            with self._outcome(job):
+                card = self._card(job)
+                if stored is None:
+                    stored = self._fetch(job.instance, job.created)
+                with self._stage("decode"):
+                    prepared.setdefault(card.id, []).append(
+                        (job, stored, self._prepare(card, stored.dataset)))
+        for model_id, items in prepared.items():
+            card = self.registry.cards[model_id]
+            try:
+                with self._stage("infer"):
+                    outputs = self.backend.predict(card, _batch(card, [i[2] for i in items]))
+            except Exception as exc:
+                for job, _, _ in items:
+                    with self._outcome(job):
+                        raise exc
+                continue
+            for (job, stored, inputs), raw in zip(items, outputs, strict=True):
+                with self._outcome(job) as done:
+                    finding = to_finding(card, raw, inputs.image.geometry)
+                    done(self.report(card, stored.dataset, finding, study=stored.study,
+                                     missing=inputs.missing_inputs,
+                                     notes=inputs.image.notes), stored.queued_at)
 
     def _retry_or_give_up(self, job: Job, reason: str) -> None:
         if job.attempts >= self.config.max_attempts:
@@ -415,27 +480,15 @@ class Service:
                           retry_at=time.time() + delay)
         self.metrics.finished.labels("failed").inc()
 
-    def _analyse(self, card: ModelCard, stored: Stored) -> dict[str, Any]:
-        ds = stored.dataset
-        with self._stage("decode"):
-            rows, cols, channels = card.image.shape
-            features = card.metadata.features if card.metadata else ()
-            prepared = prepare_radiograph(
-                ds,
-                canvas=(rows, cols),
-                target_mm=card.image.pixel_spacing_mm,
-                feature_names=features,
-                max_pixel_bytes=self.config.max_pixel_bytes,
-            )
-        with self._stage("infer"):
-            image = prepared.image.pixels[None, :, :, None]
-            if channels != 1:
-                image = np.repeat(image, channels, axis=-1)
-            batch = Batch(image, prepared.features[None, :] if card.metadata else None)
-            raw = self.backend.predict(card, batch)[0]
-        finding = to_finding(card, raw, prepared.image.geometry)
-        return self.report(card, ds, finding, study=stored.study,
-                           missing=prepared.missing_inputs, notes=prepared.image.notes)
+    def _prepare(self, card: ModelCard, ds: Dataset) -> ModelInput:
+        rows, cols, _ = card.image.shape
+        return prepare_radiograph(
+            ds,
+            canvas=(rows, cols),
+            target_mm=card.image.pixel_spacing_mm,
+            feature_names=card.metadata.features if card.metadata else (),
+            max_pixel_bytes=self.config.max_pixel_bytes,
+        )
 
     def report(self, card: ModelCard, source: Dataset, finding: Finding, *, study: str,
                missing: Sequence[str] = (), notes: Sequence[str] = (),
