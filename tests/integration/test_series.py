@@ -28,7 +28,7 @@ def ct_server(tmp_path_factory):
 def ct_series(folder, seed: int, haemorrhage: bool) -> tuple[list, float]:
     rng = np.random.default_rng(seed)
     head = sample_head(rng, haemorrhage=haemorrhage, age_years=70.0, sex="M",
-                       lesion_kind="intraparenchymal" if haemorrhage else None,
+                       lesion_kind="iph" if haemorrhage else None,
                        volume_ml=20.0 if haemorrhage else None)
     files = list(write_ct_series(
         head, folder, slice_thickness_mm=5.0, pixel_spacing_mm=0.9, rows=256, cols=256,
