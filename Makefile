@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEB_STAMP := $(VENV)/.debian
 
-.PHONY: run test setup lint train bench clean
+.PHONY: run test setup lint train train-ct bench clean
 
 setup: $(DEB_STAMP) $(STAMP)
 
@@ -36,8 +36,13 @@ lint: setup
 train: setup
 	$(PY) -m inference.training.train_limb_fracture --out models/limb-fracture-xr
 
+train-ct: setup
+	$(PY) -m inference.training.train_head_ct --out models/head-ct-haemorrhage
+
+# Benchmarks print tables and write bench/out/*.json and report.png.
 bench: setup
-	$(PY) -m bench.run_all
+	$(PY) -m bench.run_all $(ARGS)
+	$(PY) -m bench.series_memory
 
 clean:
 	rm -rf data build .pytest_cache
