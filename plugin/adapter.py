@@ -85,7 +85,7 @@ def _rest_handler(method: str, handler: Any):
         if status == 200:
             output.AnswerBuffer(body, content_type)
         else:
-            output.SendHttpStatus(status, body)
+            output.SendHttpStatus(status, body, len(body))  # (status, body, size) in 4.0
 
     return callback
 

@@ -74,7 +74,9 @@ class RestOutput:
     def AnswerBuffer(self, body: bytes, content_type: str) -> None:  # noqa: N802
         self.status, self.body, self.content_type = 200, body, content_type
 
-    def SendHttpStatus(self, status: int, body: bytes) -> None:  # noqa: N802
+    def SendHttpStatus(self, status: int, body: bytes, size: int) -> None:  # noqa: N802
+        # orthanc-python 4.0 wants the size too (found the hard way: a 500).
+        assert size == len(body)
         self.status, self.body = status, body
 
     def SendMethodNotAllowed(self, allowed: str) -> None:  # noqa: N802

@@ -14,14 +14,6 @@ from tests.harness import OrthancAI, dx_corpus, free_port, write_config
 MODEL = "limb-fracture-xr"
 
 
-def _srs_by_source(server: OrthancAI) -> Counter:
-    """How many AI SRs Orthanc holds for each source SOP Instance UID."""
-    counts: Counter = Counter()
-    for job in server.jobs(model=MODEL, state="done"):
-        counts[job["instance"]] += 1
-    return counts
-
-
 def test_kill_9_with_a_full_queue_loses_nothing_and_duplicates_nothing(tmp_path):
     files = dx_corpus(tmp_path / "dx", 200)
     server = OrthancAI(tmp_path / "srv").start()
@@ -40,6 +32,7 @@ def test_kill_9_with_a_full_queue_loses_nothing_and_duplicates_nothing(tmp_path)
                for f in files]
         assert None not in ids
         jobs = server.wait_jobs(ids, timeout=900)
+        stats = server.get("/statistics")
     finally:
         server.stop()
     per_instance = Counter(j["instance"] for j in jobs if j["model"] == MODEL)
@@ -48,7 +41,6 @@ def test_kill_9_with_a_full_queue_loses_nothing_and_duplicates_nothing(tmp_path)
     sr_uids = [j["result"]["sr_sop_instance_uid"] for j in jobs]
     assert len(set(sr_uids)) == 200
     # Orthanc holds exactly one SR per source: 200 sources + 200 SRs.
-    stats = server.get("/statistics")
     assert stats["CountInstances"] == 400
 
 
