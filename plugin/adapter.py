@@ -85,7 +85,9 @@ def _rest_handler(method: str, handler: Any):
         if status == 200:
             output.AnswerBuffer(body, content_type)
         else:
-            output.SendHttpStatus(status, body, len(body))  # (status, body, size) in 4.0
+            # orthanc-python 4.0: (status, body as str, its size)
+            text = body.decode("utf-8", "replace")
+            output.SendHttpStatus(status, text, len(text.encode()))
 
     return callback
 

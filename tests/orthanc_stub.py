@@ -74,10 +74,10 @@ class RestOutput:
     def AnswerBuffer(self, body: bytes, content_type: str) -> None:  # noqa: N802
         self.status, self.body, self.content_type = 200, body, content_type
 
-    def SendHttpStatus(self, status: int, body: bytes, size: int) -> None:  # noqa: N802
-        # orthanc-python 4.0 wants the size too (found the hard way: a 500).
-        assert size == len(body)
-        self.status, self.body = status, body
+    def SendHttpStatus(self, status: int, body: str, size: int) -> None:  # noqa: N802
+        # orthanc-python 4.0 wants a str and its size (found the hard way: a 500).
+        assert isinstance(body, str) and size == len(body.encode())
+        self.status, self.body = status, body.encode()
 
     def SendMethodNotAllowed(self, allowed: str) -> None:  # noqa: N802
         self.status = 405
