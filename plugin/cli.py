@@ -138,22 +138,29 @@ def wait_for_orthanc(base_url: str, proc: subprocess.Popen, timeout: float = 120
     raise RuntimeError(f"Orthanc did not answer on {base_url} within {timeout:.0f} s")
 
 
-def wait_for_jobs(base_url: str, instance_ids: list[str], timeout: float) -> list[dict]:
-    """Wait until every instance has jobs and none is queued or running."""
+def _settled(job: dict) -> bool:
+    return job["state"] in ("done", "skipped", "dead") or (
+        job["state"] == "failed" and not job.get("next_attempt"))
+
+
+def wait_for_jobs(base_url: str, instance_ids: list[str], series_ids: list[str],
+                  timeout: float) -> list[dict]:
+    """Jobs of these instances and (series-level) of these series, once all settled."""
     deadline = time.time() + timeout
     while True:
         jobs = _get(f"{base_url}/ai/jobs?limit=10000")
-        by_instance = {j["instance"] for j in jobs}
-        busy = [j for j in jobs if j["state"] in ("queued", "running")
-                or (j["state"] == "failed" and j.get("next_attempt"))]
-        if set(instance_ids) <= by_instance and not busy:
-            return jobs
+        mine = [j for j in jobs if j["instance"] in instance_ids
+                or (j["level"] == "series" and j["series"] in series_ids)]
+        covered = {j["instance"] for j in mine} | {j["series"] for j in mine}
+        if set(instance_ids) | set(series_ids) <= covered and all(map(_settled, mine)):
+            return mine
         if time.time() > deadline:
             raise RuntimeError("timed out waiting for AI results")
         time.sleep(0.5)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from inference.synthetic.ct import write_demo_ct_study
     from inference.synthetic.dx import write_demo_studies
 
     argv, env = prepare(args)
@@ -166,22 +173,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
         proc = subprocess.Popen(argv, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     try:
         wait_for_orthanc(base_url, proc)
-        files = write_demo_studies(data / "demo-dicom", n_patients=args.patients, seed=args.seed)
-        print(f"Sending {len(files)} synthetic DX images over C-STORE (storescu) ...")
-        subprocess.run(
-            [STORESCU, "-aet", "DEMO_MODALITY", "-aec", "ORTHANC", "127.0.0.1",
-             str(args.dicom_port), *map(str, files)],
-            check=True,
-        )
-        import pydicom
-
-        uids = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
-        lookup = [
-            _post(f"{base_url}/tools/lookup", uid) for uid in sorted(uids)
-        ]
-        instance_ids = [r[0]["ID"] for r in lookup if r]
-        jobs = wait_for_jobs(base_url, instance_ids, timeout=args.timeout)
-        print_table(base_url, [j for j in jobs if j["instance"] in instance_ids])
+        dx = write_demo_studies(data / "demo-dicom", n_patients=args.patients, seed=args.seed)
+        ct = write_demo_ct_study(data / "demo-ct", seed=args.seed) if args.ct else []
+        print(f"Sending {len(dx)} synthetic DX images and a {len(ct)}-slice head CT over"
+              " C-STORE (storescu) ...")
+        for files in (dx, ct):
+            if files:
+                subprocess.run(
+                    [STORESCU, "-aet", "DEMO_MODALITY", "-aec", "ORTHANC", "127.0.0.1",
+                     str(args.dicom_port), *map(str, files)],
+                    check=True,
+                )
+        instance_ids = [_lookup(base_url, f) for f in dx]
+        series_ids = sorted({_get(f"{base_url}/instances/{_lookup(base_url, f)}")["ParentSeries"]
+                             for f in ct[:1]})
+        if ct:
+            print("Waiting for the CT series to become stable (StableAge) ...")
+        jobs = wait_for_jobs(base_url, instance_ids, series_ids, timeout=args.timeout)
+        print_table(base_url, jobs)
         if args.exit:
             return 0
         print(f"\nOrthanc keeps serving on {base_url} (Orthanc Explorer: "
@@ -199,6 +208,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 proc.kill()
 
 
+def _lookup(base_url: str, path: Path) -> str:
+    import pydicom
+
+    uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+    return _post(f"{base_url}/tools/lookup", uid)[0]["ID"]
+
+
 def _post(url: str, body: str) -> Any:
     import requests
 
@@ -210,12 +226,15 @@ def _post(url: str, body: str) -> Any:
 def print_table(base_url: str, jobs: list[dict]) -> None:
     rows = []
     for job in jobs:
-        study = _get(f"{base_url}/instances/{job['instance']}/study")
+        study = (_get(f"{base_url}/studies/{job['study']}") if job["study"]
+                 else _get(f"{base_url}/instances/{job['instance']}/study"))
         patient = study.get("PatientMainDicomTags", {})
         result = job.get("result") or {}
         finding = result.get("finding", "")
         if result:
             finding = f"{finding} {'PRESENT' if result.get('positive') else 'absent'}"
+            if result.get("volume_ml") is not None:
+                finding += f" {result['volume_ml']:.1f} mL"
         rows.append(
             (
                 f"{patient.get('PatientName', '')} ({patient.get('PatientID', '')})",
@@ -250,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--patients", type=int, default=4)
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument("--timeout", type=float, default=600)
+    demo.add_argument("--no-ct", dest="ct", action="store_false",
+                      help="radiographs only (no head CT series)")
     check = sub.add_parser("check-config")
     check.add_argument("--config", default=default_config)
     validate = sub.add_parser("validate-model")
