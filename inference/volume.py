@@ -64,7 +64,8 @@ def order_slices(refs: list[SliceRef], min_slices: int = 3) -> OrderedSeries:
         notes.append(f"{len(refs) - len(usable)} instance(s) without ImagePositionPatient/"
                      "ImageOrientationPatient left out")
     if not usable:
-        raise BadInput("no slice has ImagePositionPatient and ImageOrientationPatient")
+        # e.g. enhanced multi-frame images, whose geometry is per frame: not supported
+        raise SkipInput("no slice has ImagePositionPatient and ImageOrientationPatient")
     groups = Counter(tuple(round(v, 3) for v in r.orientation) for r in usable)  # type: ignore
     orientation, count = groups.most_common(1)[0]
     if len(groups) > 1:

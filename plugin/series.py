@@ -19,7 +19,7 @@ import pydicom
 
 from inference.backend import Batch, RawOutput
 from inference.card import ModelCard
-from inference.errors import BadInput, JobOutcome, SkipInput
+from inference.errors import BadInput, JobOutcome, SkipInput, TransientError
 from inference.postprocess import Finding, to_finding
 from inference.preprocess import Geometry, prepare_ct_slice
 from inference.uids import derived_uid
@@ -74,31 +74,32 @@ def triage_series(service: Service, series_id: str) -> None:
     if not service.router.wants(modality, "series"):
         return  # radiographs and the like: their instance jobs report on them
     study = series["ParentStudy"]
-    try:
-        ordered = list_slices(service, series_id)
-    except JobOutcome as exc:
-        # Not a usable volume (too few slices, no geometry): say so, once per slice count.
+    instances = series.get("Instances", [])
+
+    def outcome(exc: JobOutcome, version: str) -> None:
+        # Once per version of the series (its slice set, or its size before ordering).
         state = "skipped" if isinstance(exc, SkipInput) else "failed"
-        key = f"series:{series_id}@{len(series.get('Instances', []))} instances||"
         if service.store.add("", study=study, series=series_id, state=state,
-                             reason=exc.reason, key=key):
+                             reason=exc.reason, key=f"series:{series_id}@{version}||"):
             service.metrics.finished.labels(state).inc()
+
+    if not instances:
+        return
+    try:
+        # Route first, on one slice's header: a series no rule wants says so,
+        # whatever its geometry.
+        header = pydicom.dcmread(io.BytesIO(service.client.instance_file(instances[0])),
+                                 stop_before_pixels=True)
+        cards = service.router.route(header, level="series")
+        ordered = list_slices(service, series_id)
+    except TransientError:
+        raise
+    except JobOutcome as exc:
+        outcome(exc, f"{len(instances)} instances")
         return
     prefix = f"series:{series_id}@{ordered.fingerprint}|"
     if any(j.key.startswith(prefix) for j in service.store.list(series=series_id)):
         return  # this set of slices was already seen (a replayed change)
-    middle = ordered.slices[len(ordered.slices) // 2]
-    try:
-        header = pydicom.dcmread(io.BytesIO(service.client.instance_file(middle.instance)),
-                                 stop_before_pixels=True)
-        cards = service.router.route(header, level="series")
-    except JobOutcome as exc:
-        key = f"series:{series_id}@{ordered.fingerprint}||"
-        state = "skipped" if isinstance(exc, SkipInput) else "failed"
-        if service.store.add("", study=study, series=series_id, state=state,
-                             reason=exc.reason, key=key):
-            service.metrics.finished.labels(state).inc()
-        return
     for card in cards:
         job = service.store.add("", study=study, series=series_id, model=card.id,
                                 version=card.version,

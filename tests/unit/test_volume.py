@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from inference.errors import BadInput, SkipInput
+from inference.errors import SkipInput
 from inference.volume import SeriesAccumulator, SliceRef, lesion_area_mm2, order_slices
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
@@ -39,7 +39,7 @@ def test_other_orientations_and_duplicates_are_left_out_with_a_note():
 def test_too_few_slices_or_no_geometry():
     with pytest.raises(SkipInput):
         order_slices(refs([0, 5]))
-    with pytest.raises(BadInput):
+    with pytest.raises(SkipInput, match="no slice has ImagePositionPatient"):
         order_slices([SliceRef("i", "1", None, None)])
 
 
