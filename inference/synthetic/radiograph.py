@@ -20,15 +20,23 @@ What is modelled, and why
   contrast of the trabecular texture.
 * Normal anatomy that mimics fractures, so that age and sex matter: open
   physes (lucent, wavy, 1-2.5 mm, until ~15 y in girls and ~17 y in boys),
-  growth-arrest (Park-Harris) lines (thin sclerotic lines, common before 40,
-  rare in the elderly), faint physeal scars in adults, and nutrient canals
-  (thin oblique lucent line through one cortex) as hard negatives.
-* Fractures: an irregular lucent line (transverse to 45 degrees oblique,
-  0.5-2 mm gap, sometimes through one cortex only) with optional step-off
-  (0-3 mm, about half undisplaced), or, mostly in older patients with low
-  BMD, an insufficiency fracture seen as a sclerotic band (2-5 mm). Fractures
-  are placed anywhere along the bone including the metaphyses, where physes
-  and growth-arrest lines are.
+  growth-arrest (Park-Harris) lines (sclerotic lines, 1-3 mm, common before
+  40, rare in the elderly), faint physeal scars in adults, and nutrient canals
+  (thin oblique lucency through one cortex, mostly adults) as hard negatives.
+* Fractures (the label), each with a look-alike from another age:
+  - lucent lines (transverse to 45 degrees oblique, 0.8-2.2 mm, irregular,
+    0-3 mm step-off in about half) across one bone, in the shaft or the
+    metaphysis, where physes and growth-arrest lines are;
+  - in adults, often a transverse line at the level of the closed physis,
+    across both bones of a forearm or leg when in view, drawn exactly like an
+    open physis: only age tells a child's physis from an adult's fracture;
+  - in children, greenstick-like cracks through one cortex, drawn like a
+    nutrient canal (adults' canals are normal);
+  - in older patients with low BMD, insufficiency fractures seen as sclerotic
+    bands (1.2-3.5 mm), drawn like growth-arrest lines (normal in the young).
+  Children's complete fractures are mostly oblique. The geometry (which bone
+  end is in view) is drawn the same way with and without fracture, so that
+  it does not hint at the label.
 * Acquisition: field size, pixel spacing, kVp-like contrast, dose-dependent
   quantum noise (larger where attenuation is higher, and per pixel larger at
   finer spacing so that the noise per square millimetre does not depend on
@@ -108,8 +116,10 @@ class Case:
         ``"lucent"`` (fracture line), ``"sclerotic"`` (insufficiency fracture,
         sclerotic band) or ``None``.
     fracture_site
-        ``"shaft"``, ``"metaphysis"`` or ``"physeal"`` (at the level of the
-        growth plate or its scar); ``None`` without fracture.
+        Requested site: ``"shaft"``, ``"metaphysis"`` or ``"physeal"`` (at
+        the level of the closed growth plate, adults only); ``None`` without
+        fracture. The renderer falls back to the metaphysis, then the shaft,
+        when the field shows no bone end (``Rendered.details["site"]``).
     fracture_incomplete
         The lucent line crosses only part of the bone from one cortex.
     fracture_gap_mm, fracture_angle_deg, displacement_mm, band_mm
@@ -217,9 +227,9 @@ def physis_closure_age(sex: str) -> float:
 
 
 def _sample_age(rng: np.random.Generator) -> float:
-    # Children, adults and the elderly in roughly equal measure, so that every
-    # age band has enough cases to learn and evaluate the mimics.
-    band = rng.choice(3, p=[0.32, 0.40, 0.28])
+    # Children, adults and the elderly in similar measure, so that every age
+    # band has enough cases to learn and evaluate the mimics.
+    band = rng.choice(3, p=[0.4, 0.35, 0.25])
     low, high = ((3.0, 18.0), (18.0, 65.0), (65.0, 95.0))[band]
     return float(rng.uniform(low, high))
 
@@ -270,7 +280,8 @@ def sample_case(
     # Park-Harris lines: common in the young, fading with remodelling in later life.
     p_arrest = float(np.interp(age, [3.0, 40.0, 70.0], [0.75, 0.6, 0.05]))
     arrest = int(rng.integers(1, 4)) if rng.random() < p_arrest else 0
-    scar = (not physes_open) and rng.random() < float(np.interp(age, [18, 50, 80], [0.5, 0.4, 0.15]))
+    p_scar = float(np.interp(age, [18, 50, 80], [0.5, 0.4, 0.15]))
+    scar = (not physes_open) and rng.random() < p_scar
     canal = rng.random() < (0.45 if age >= 18.0 else 0.1)
 
     is_fracture = bool(rng.random() < prevalence) if fracture is None else bool(fracture)
@@ -283,7 +294,7 @@ def sample_case(
         # growth-arrest lines, which are common in the young.
         p_scl = 0.0
         if age >= 50.0:
-            p_scl = float(np.clip((1.05 - bmd) / 0.35, 0.0, 1.0)) * 0.8
+            p_scl = float(np.clip((1.1 - bmd) / 0.35, 0.0, 1.0)) * 0.85
         kind = "sclerotic" if rng.random() < p_scl else "lucent"
         if kind == "lucent":
             # Each age has its look-alike: in adults a transverse fracture at
@@ -291,7 +302,7 @@ def sample_case(
             # leg, like a both-bone fracture) looks like the open physes of a
             # child; in children a greenstick-like crack through one cortex
             # looks like an adult's nutrient canal.
-            p_physeal, p_incomplete = (0.0, 0.35) if physes_open else (0.55, 0.08)
+            p_physeal, p_incomplete = (0.0, 0.35) if physes_open else (0.8, 0.05)
             draw = rng.random()
             if draw < p_physeal:
                 site = "physeal"
@@ -392,7 +403,9 @@ def _band(dist: np.ndarray, half_width: float | np.ndarray, px: float) -> np.nda
     return np.clip((half_width - np.abs(dist)) / px + 0.5, 0.0, 1.0)
 
 
-def _wiggle(rng: np.random.Generator, t: np.ndarray, amp: float, wavelengths: tuple[float, float]):
+def _wiggle(
+    rng: np.random.Generator, t: np.ndarray, amp: float, wavelengths: tuple[float, float]
+) -> np.ndarray:
     """A smooth random 1-D profile (sum of three sinusoids) evaluated at ``t`` (mm)."""
     out = np.zeros_like(t)
     for _ in range(3):
@@ -463,9 +476,7 @@ def _tip_profile(d: np.ndarray, cap: float) -> np.ndarray:
     return np.sqrt(np.clip(1.0 - (1.0 - x) ** 2, 0.0, 1.0))
 
 
-def _window_slices(
-    region: np.ndarray, pad_px: int
-) -> tuple[slice, slice] | None:
+def _window_slices(region: np.ndarray, pad_px: int) -> tuple[slice, slice] | None:
     """Bounding slices of a boolean region (grown by ``pad_px``), or None when empty."""
     rows = np.flatnonzero(region.any(axis=1))
     if rows.size == 0:
@@ -511,8 +522,7 @@ def render(case: Case, rng: np.random.Generator) -> Rendered:
     bones, details = _place_bones(case, rng, height, width, theta)
     frac = None
     if case.fracture:
-        frac = _place_fracture(case, rng, bones, str(details["visible_end"]), height, width,
-                               theta)
+        frac = _place_fracture(case, rng, bones, str(details["visible_end"]), height, width, theta)
         details.update({"site": frac["site"], "fractured_bones": sorted(frac["u"])})
 
     # Trabecular texture on a fixed 0.5 mm grid (its pass band ends below
@@ -659,7 +669,7 @@ def _place_bones(
     length = rng.uniform(1.1, 1.6) * max(height, 200.0)
     # Which end of the first bone is inside (or just outside) the field. Drawn
     # the same way with and without fracture: geometry must not hint at the label.
-    which = str(rng.choice(["none", "lo", "hi"], p=[0.2, 0.4, 0.4]))
+    which = str(rng.choice(["none", "lo", "hi"], p=[0.1, 0.45, 0.45]))
     if which == "none":
         centre = rng.uniform(-0.1, 0.1) * length
         length = max(length, 2 * half_len + 60.0 + 2 * abs(centre))
@@ -809,7 +819,8 @@ def _render_bone(
     )
     near = np.minimum(near, 1.0)
     cap = bone.radius * (1 + bone.flare) * 0.7
-    r_out = bone.radius * (1 + bone.flare * near) * _tip_profile(d_lo, cap) * _tip_profile(d_hi, cap)
+    r_out = bone.radius * (1 + bone.flare * near)
+    r_out = r_out * _tip_profile(d_lo, cap) * _tip_profile(d_hi, cap)
     if bone.epi_scale < 1.0:
         epi = (d_lo < bone.epi_len) | (d_hi < bone.epi_len)
         r_out = np.where(epi, r_out * bone.epi_scale, r_out)
@@ -840,9 +851,11 @@ def _render_bone(
         d_w, dv_w = end_d[win], dv[win]
         r_here = bone.radius * (1 + bone.flare)
         # Wavy, gently curved plate (real physes undulate).
-        pos = bone.epi_len + _wiggle(rng, dv_w, 0.6, (4.0, 12.0)) + rng.uniform(-1.5, 1.5) * (
-            dv_w / r_here
-        ) ** 2
+        pos = (
+            bone.epi_len
+            + _wiggle(rng, dv_w, 0.6, (4.0, 12.0))
+            + rng.uniform(-1.5, 1.5) * (dv_w / r_here) ** 2
+        )
         if case.physes_open:
             width_mm = rng.uniform(1.0, 2.5)
             if case.age_years > physis_closure_age(case.sex) - 2.0:
@@ -853,7 +866,9 @@ def _render_bone(
             medulla[win] *= keep
             cortex[win] *= keep
             note("physis", m, win)
-        elif case.physeal_scar:
+        elif case.physeal_scar and physeal_end != end_name:
+            # (A fracture along the old plate replaces the scar: a sclerotic
+            # rim beside it would tell adult from child at a glance.)
             m = _band(d_w - pos, rng.uniform(0.3, 0.6), px)
             medulla[win] += m * medulla_path[win] * mu_trab * rng.uniform(0.4, 1.0)
             note("physeal_scar", m, win)
@@ -1012,8 +1027,9 @@ def _render_soft_tissue(
     hi = max(b.v0 + b.radius * (1 + b.flare) for b in bones)
     margin = rng.uniform(*anatomy["margin"])
     centre = 0.5 * (lo + hi) + rng.uniform(-3.0, 3.0) + 0.5 * bones[0].kappa * u * u
-    half = (0.5 * (hi - lo) + margin) * (1.0 + 0.08 * np.sin(2 * np.pi * u / rng.uniform(150, 300)
-                                                             + rng.uniform(0, 2 * np.pi)))
+    half = (0.5 * (hi - lo) + margin) * (
+        1.0 + 0.08 * np.sin(2 * np.pi * u / rng.uniform(150, 300) + rng.uniform(0, 2 * np.pi))
+    )
     depth = half * rng.uniform(0.7, 0.95)
     q = ((v - centre) / half) ** 2
     total = 2 * depth * np.sqrt(np.clip(1.0 - q, 0.0, None))
@@ -1031,7 +1047,7 @@ def _render_soft_tissue(
 def _present(
     case: Case, rng: np.random.Generator, atten: np.ndarray, spacing: tuple[float, float]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """"For presentation" processing on the work grid, and the noise SD map.
+    """ "For presentation" processing on the work grid, and the noise SD map.
 
     The large-kernel subtraction mimics the dynamic-range compression of
     vendor processing: soft-tissue thickness is flattened, bone edges stay.
