@@ -53,7 +53,11 @@ from inference.synthetic.headct import (
 )
 
 FEATURE_NAMES: tuple[str, ...] = (
-    "age_years", "age_known", "sex_male", "sex_female", "slice_thickness",
+    "age_years",
+    "age_known",
+    "sex_male",
+    "sex_female",
+    "slice_thickness",
 )
 CANVAS: tuple[int, int] = (256, 256)
 TARGET_MM = 1.0
@@ -115,8 +119,9 @@ def sample_training_acquisition(
     defined in millimetres, so they look to the model like 0.45 mm slices,
     at a quarter of the rendering cost. A quarter are at scanner pixel sizes.
     """
-    thickness = float(rng.choice([0.625, 1.0, 1.25, 2.0, 2.5, 3.0, 5.0],
-                                 p=[0.1, 0.08, 0.17, 0.1, 0.15, 0.1, 0.3]))
+    thickness = float(
+        rng.choice([0.625, 1.0, 1.25, 2.0, 2.5, 3.0, 5.0], p=[0.1, 0.08, 0.17, 0.1, 0.15, 0.1, 0.3])
+    )
     if rng.random() < 0.25:
         ps, matrix = float(rng.uniform(0.42, 0.5)), 512
     else:
@@ -148,11 +153,18 @@ def held_out_acquisition(rng: np.random.Generator) -> Acquisition:
     )
 
 
-def slice_dataset(head: Head, z_mm: float, acq: Acquisition, *, uid: str, number: int = 1
-                  ) -> Dataset:
+def slice_dataset(
+    head: Head, z_mm: float, acq: Acquisition, *, uid: str, number: int = 1
+) -> Dataset:
     """Render one slice and wrap it in a CT Image Storage dataset (in memory)."""
-    hu = render_slice(head, z_mm, pixel_spacing_mm=acq.pixel_spacing_mm, rows=acq.matrix,
-                      cols=acq.matrix, thickness_mm=acq.thickness_mm)
+    hu = render_slice(
+        head,
+        z_mm,
+        pixel_spacing_mm=acq.pixel_spacing_mm,
+        rows=acq.matrix,
+        cols=acq.matrix,
+        thickness_mm=acq.thickness_mm,
+    )
     x0 = -(acq.matrix - 1) / 2.0 * acq.pixel_spacing_mm
     return ct_dataset(
         hu,
@@ -175,8 +187,9 @@ def slice_dataset(head: Head, z_mm: float, acq: Acquisition, *, uid: str, number
 
 def model_inputs(ds: Dataset) -> tuple[np.ndarray, np.ndarray, object]:
     """The plugin's preprocessing: (image (256, 256, 2), features (5,), geometry)."""
-    mi = prepare_ct_slice(ds, canvas=CANVAS, target_mm=TARGET_MM, windows=WINDOWS,
-                          feature_names=FEATURE_NAMES)
+    mi = prepare_ct_slice(
+        ds, canvas=CANVAS, target_mm=TARGET_MM, windows=WINDOWS, feature_names=FEATURE_NAMES
+    )
     return mi.image.pixels, mi.features, mi.image.geometry
 
 
@@ -237,8 +250,7 @@ def head_slices(spec: SliceSpec, index: int) -> list[dict[str, object]]:
     """
     rng = np.random.default_rng([spec.seed, spec.stream, index])
     head = sample_head(rng, prevalence=spec.prevalence)
-    acq = sample_training_acquisition(rng, p_mask_age=spec.p_mask_age,
-                                      p_mask_sex=spec.p_mask_sex)
+    acq = sample_training_acquisition(rng, p_mask_age=spec.p_mask_age, p_mask_sex=spec.p_mask_sex)
     # The whole range a series covers, skull base and vertex cap included:
     # the series probability is a maximum, so every level must be learnt.
     lo, hi = head.z_range_mm()
@@ -265,21 +277,28 @@ def head_slices(spec: SliceSpec, index: int) -> list[dict[str, object]]:
             z = float(rng.uniform(lo, hi))
         ds = slice_dataset(head, z, acq, uid=f"2.25.{spec.seed}.{spec.stream}.{index}", number=k)
         image, features, _ = model_inputs(ds)
-        coverage = lesion_mask_slice(head, z, pixel_spacing_mm=acq.pixel_spacing_mm,
-                                     rows=acq.matrix, cols=acq.matrix,
-                                     thickness_mm=acq.thickness_mm)
+        coverage = lesion_mask_slice(
+            head,
+            z,
+            pixel_spacing_mm=acq.pixel_spacing_mm,
+            rows=acq.matrix,
+            cols=acq.matrix,
+            thickness_mm=acq.thickness_mm,
+        )
         area = float(coverage.sum()) * acq.pixel_spacing_mm**2
-        out.append({
-            "image": image.astype(np.float16),
-            "metadata": features.astype(np.float32),
-            "label": float(area >= MIN_LESION_AREA_MM2),
-            "heatmap": heatmap_target(coverage, acq.pixel_spacing_mm).astype(np.float16),
-            "area_mm2": area,
-            "age": head.age_years,
-            "head": index,
-            "kind": head.lesions[0].kind if head.lesions else "none",
-            "thickness": acq.thickness_mm,
-        })
+        out.append(
+            {
+                "image": image.astype(np.float16),
+                "metadata": features.astype(np.float32),
+                "label": float(area >= MIN_LESION_AREA_MM2),
+                "heatmap": heatmap_target(coverage, acq.pixel_spacing_mm).astype(np.float16),
+                "area_mm2": area,
+                "age": head.age_years,
+                "head": index,
+                "kind": head.lesions[0].kind if head.lesions else "none",
+                "thickness": acq.thickness_mm,
+            }
+        )
     return out
 
 
@@ -308,8 +327,7 @@ class SliceSet:
 
 def _pool(workers: int) -> ProcessPoolExecutor:
     # "spawn": the parent may hold TensorFlow's threads, which fork does not copy safely.
-    return ProcessPoolExecutor(max_workers=workers,
-                               mp_context=multiprocessing.get_context("spawn"))
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
 
 
 def synthesize_slices(spec: SliceSpec, n_heads: int, *, workers: int | None = None) -> SliceSet:
@@ -341,8 +359,9 @@ def synthesize_slices(spec: SliceSpec, n_heads: int, *, workers: int | None = No
 # --------------------------------------------------------------------------
 
 
-def series_case(seed: int, stream: int, index: int, prevalence: float = 0.5
-                ) -> tuple[Head, Acquisition]:
+def series_case(
+    seed: int, stream: int, index: int, prevalence: float = 0.5
+) -> tuple[Head, Acquisition]:
     """Head and protocol of held-out (or validation) series ``index``.
 
     Haemorrhage alternates by index (even: with, odd: without) when the
@@ -373,9 +392,15 @@ def series_inputs(args: tuple[int, int, int, float]) -> dict[str, object]:
         images.append(image.astype(np.float16))
         features.append(feats)
         if head.lesions:
-            cov = lesion_mask_slice(head, float(z), pixel_spacing_mm=1.0, rows=256, cols=256,
-                                    thickness_mm=acq.thickness_mm,
-                                    centre_xy=(head.position[0], head.position[1]))
+            cov = lesion_mask_slice(
+                head,
+                float(z),
+                pixel_spacing_mm=1.0,
+                rows=256,
+                cols=256,
+                thickness_mm=acq.thickness_mm,
+                centre_xy=(head.position[0], head.position[1]),
+            )
             areas.append(float(cov.sum()))
         else:
             areas.append(0.0)
@@ -399,8 +424,9 @@ def series_inputs(args: tuple[int, int, int, float]) -> dict[str, object]:
     }
 
 
-def iter_series(seed: int, stream: int, n_series: int, *, prevalence: float = 0.5,
-                workers: int | None = None) -> Iterator[dict[str, object]]:
+def iter_series(
+    seed: int, stream: int, n_series: int, *, prevalence: float = 0.5, workers: int | None = None
+) -> Iterator[dict[str, object]]:
     """Series inputs 0..n_series-1 in order, rendered ahead by worker processes.
 
     Only a few series are in flight at a time, so memory stays bounded
@@ -422,8 +448,9 @@ def iter_series(seed: int, stream: int, n_series: int, *, prevalence: float = 0.
             yield fut.result()
 
 
-def predict_slices(model: object, images: np.ndarray, metadata: np.ndarray | None
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def predict_slices(
+    model: object, images: np.ndarray, metadata: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities (n,) and heatmaps (n, 64, 64) in fixed chunks of slices."""
     probs, heats = [], []
     n = images.shape[0]
@@ -442,8 +469,9 @@ def predict_slices(model: object, images: np.ndarray, metadata: np.ndarray | Non
     return np.concatenate(probs), np.concatenate(heats)
 
 
-def aggregate_series(probs: np.ndarray, heats: np.ndarray, spacing_mm: float,
-                     slice_area_mm2: np.ndarray) -> dict[str, float]:
+def aggregate_series(
+    probs: np.ndarray, heats: np.ndarray, spacing_mm: float, slice_area_mm2: np.ndarray
+) -> dict[str, float]:
     """The plugin's series outputs and the key-slice check."""
     key = int(np.argmax(probs))
     return {
@@ -488,13 +516,15 @@ def auroc_standard_error(auc: float, n_pos: int, n_neg: int) -> float:
     if not (0 < auc < 1) or n_pos == 0 or n_neg == 0:
         return 0.0
     q1, q2 = auc / (2.0 - auc), 2.0 * auc * auc / (1.0 + auc)
-    var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc)
-           + (n_neg - 1) * (q2 - auc * auc)) / (n_pos * n_neg)
+    var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc) + (n_neg - 1) * (q2 - auc * auc)) / (
+        n_pos * n_neg
+    )
     return float(math.sqrt(max(var, 0.0)))
 
 
-def paired_auroc_difference(labels: np.ndarray, a: np.ndarray, b: np.ndarray, *,
-                            n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
+def paired_auroc_difference(
+    labels: np.ndarray, a: np.ndarray, b: np.ndarray, *, n_boot: int = 2000, seed: int = 0
+) -> dict[str, float]:
     """AUROC(a) - AUROC(b) on the same cases, with a stratified paired bootstrap.
 
     Positives and negatives are resampled separately (the prevalence stays
@@ -523,8 +553,9 @@ def paired_auroc_difference(labels: np.ndarray, a: np.ndarray, b: np.ndarray, *,
     }
 
 
-def sensitivity_specificity(labels: np.ndarray, scores: np.ndarray, threshold: float
-                            ) -> tuple[float, float]:
+def sensitivity_specificity(
+    labels: np.ndarray, scores: np.ndarray, threshold: float
+) -> tuple[float, float]:
     """Sensitivity and specificity of ``score >= threshold``."""
     y = np.asarray(labels, dtype=bool)
     positive = np.asarray(scores) >= threshold
@@ -558,8 +589,7 @@ def _round(x: float) -> float:
     return float(round(x, 4)) if math.isfinite(x) else x
 
 
-def series_metrics(rows: dict[str, np.ndarray], suffix: str, threshold: float
-                   ) -> dict[str, object]:
+def series_metrics(rows: dict[str, np.ndarray], suffix: str, threshold: float) -> dict[str, object]:
     """Series-level metrics of one model from per-series results.
 
     ``rows`` holds columns ``label``, ``age``, ``true_volume_ml`` and the
@@ -581,11 +611,13 @@ def series_metrics(rows: dict[str, np.ndarray], suffix: str, threshold: float
         "auroc_se": _round(auroc_standard_error(auc, int(y.sum()), int((~y).sum()))),
         "sensitivity": _round(sens),
         "specificity": _round(spec),
-        "volume_mae_ml": _round(float(np.mean(np.abs(vol_pred - vol_true)))) if y.any()
+        "volume_mae_ml": _round(float(np.mean(np.abs(vol_pred - vol_true))))
+        if y.any()
         else math.nan,
         "volume_correlation": _round(pearson(vol_true, vol_pred)),
         "key_slice_hit_rate": _round(float(rows[f"key_slice_hit{suffix}"][y].mean()))
-        if y.any() else math.nan,
+        if y.any()
+        else math.nan,
         "auroc_by_age": by_age,
     }
 
@@ -595,27 +627,58 @@ def series_metrics(rows: dict[str, np.ndarray], suffix: str, threshold: float
 # --------------------------------------------------------------------------
 
 PER_SERIES_COLUMNS: tuple[str, ...] = (
-    "index", "label", "age", "sex", "kind", "isodense", "thickness", "n_slices",
-    "true_volume_ml", "probability", "volume_ml", "key_slice_hit", "probability_ablation",
-    "volume_ml_ablation", "key_slice_hit_ablation",
+    "index",
+    "label",
+    "age",
+    "sex",
+    "kind",
+    "isodense",
+    "thickness",
+    "n_slices",
+    "true_volume_ml",
+    "probability",
+    "volume_ml",
+    "key_slice_hit",
+    "probability_ablation",
+    "volume_ml_ablation",
+    "key_slice_hit_ablation",
 )
 
 
-def run_series(models: dict[str, object], seed: int, stream: int, n_series: int, *,
-               workers: int | None = None, prevalence: float = 0.5,
-               ) -> dict[str, list]:
+def run_series(
+    models: dict[str, object],
+    seed: int,
+    stream: int,
+    n_series: int,
+    *,
+    workers: int | None = None,
+    prevalence: float = 0.5,
+) -> dict[str, list]:
     """Per-series results of each model in ``models`` (``""``: with metadata,
     ``"_ablation"``: image only) on series 0..n_series-1."""
     per: dict[str, list] = {k: [] for k in PER_SERIES_COLUMNS}
     for case in iter_series(seed, stream, n_series, prevalence=prevalence, workers=workers):
-        for key in ("index", "label", "age", "sex", "kind", "isodense", "thickness",
-                    "n_slices", "true_volume_ml"):
+        for key in (
+            "index",
+            "label",
+            "age",
+            "sex",
+            "kind",
+            "isodense",
+            "thickness",
+            "n_slices",
+            "true_volume_ml",
+        ):
             per[key].append(case[key])
         for suffix, model in models.items():
             meta = None if suffix == "_ablation" else case["metadata"]
             probs, heats = predict_slices(model, case["image"], meta)  # type: ignore[arg-type]
-            agg = aggregate_series(probs, heats, float(case["spacing"]),  # type: ignore[arg-type]
-                                   case["slice_area_mm2"])  # type: ignore[arg-type]
+            agg = aggregate_series(
+                probs,
+                heats,
+                float(case["spacing"]),  # type: ignore[arg-type]
+                case["slice_area_mm2"],
+            )  # type: ignore[arg-type]
             per[f"probability{suffix}"].append(agg["probability"])
             per[f"volume_ml{suffix}"].append(agg["volume_ml"])
             per[f"key_slice_hit{suffix}"].append(agg["key_slice_hit"])
@@ -628,8 +691,9 @@ def load_models(model_dir: Path) -> dict[str, object]:
 
     return {
         "": keras.models.load_model(model_dir / "model.keras", compile=False),
-        "_ablation": keras.models.load_model(model_dir / "ablation_image_only.keras",
-                                             compile=False),
+        "_ablation": keras.models.load_model(
+            model_dir / "ablation_image_only.keras", compile=False
+        ),
     }
 
 
@@ -690,8 +754,17 @@ def evaluate(
     models = load_models(model_dir)
     per = run_series(models, seed, STREAM_HELD_OUT, n_series, workers=workers)
     rows = {k: np.asarray(v) for k, v in per.items()}
-    for k in ("label", "age", "true_volume_ml", "probability", "probability_ablation",
-              "volume_ml", "volume_ml_ablation", "key_slice_hit", "key_slice_hit_ablation"):
+    for k in (
+        "label",
+        "age",
+        "true_volume_ml",
+        "probability",
+        "probability_ablation",
+        "volume_ml",
+        "volume_ml_ablation",
+        "key_slice_hit",
+        "key_slice_hit_ablation",
+    ):
         rows[k] = rows[k].astype(np.float64)
     if predictions_csv is not None:
         write_predictions(predictions_csv, per)
@@ -703,12 +776,24 @@ def evaluate(
         "model": series_metrics(rows, "", threshold),
         "ablation": series_metrics(rows, "_ablation", threshold),
         "metadata_benefit": paired_auroc_difference(
-            rows["label"], rows["probability"], rows["probability_ablation"]),
+            rows["label"], rows["probability"], rows["probability_ablation"]
+        ),
         "ablation_own_threshold": {
             "threshold": ablation_threshold,
-            **dict(zip(("sensitivity", "specificity"), map(_round, sensitivity_specificity(
-                rows["label"].astype(bool), rows["probability_ablation"], ablation_threshold)),
-                strict=True)),
+            **dict(
+                zip(
+                    ("sensitivity", "specificity"),
+                    map(
+                        _round,
+                        sensitivity_specificity(
+                            rows["label"].astype(bool),
+                            rows["probability_ablation"],
+                            ablation_threshold,
+                        ),
+                    ),
+                    strict=True,
+                )
+            ),
         },
         "per_series": per,
         "duration_s": round(time.monotonic() - start, 1),
@@ -746,8 +831,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=9103)
     parser.add_argument("--csv", type=Path, default=None)
     args = parser.parse_args(argv)
-    result = evaluate(args.model, n_series=args.n_series, seed=args.seed,
-                      predictions_csv=args.csv)
+    result = evaluate(args.model, n_series=args.n_series, seed=args.seed, predictions_csv=args.csv)
     result.pop("per_series")
     print(json.dumps(result, indent=2))
 

@@ -107,8 +107,9 @@ def build_model(*, with_metadata: bool, n_features: int = 5) -> Any:
     # Image layers carry fixed names: the metadata model starts from the
     # image-only network's weights (see train_models), matched by name.
     def conv_bn(x: Any, name: str, ch: int, k: int, stride: int = 1, dilation: int = 1) -> Any:
-        y = layers.Conv2D(ch, k, strides=stride, padding="same", dilation_rate=dilation,
-                          use_bias=False, name=name)(x)
+        y = layers.Conv2D(
+            ch, k, strides=stride, padding="same", dilation_rate=dilation, use_bias=False, name=name
+        )(x)
         return layers.ReLU()(layers.BatchNormalization(name=f"{name}_bn")(y))
 
     image = keras.Input(ev.CANVAS + (len(ev.WINDOWS),), name="image")
@@ -117,8 +118,12 @@ def build_model(*, with_metadata: bool, n_features: int = 5) -> Any:
     if meta is not None:
         # Explicitly seeded: creating it draws nothing from Keras' global
         # seed stream, so the image layers initialise as in the ablation.
-        context = layers.Dense(32, activation="relu", name="meta_context",
-                               kernel_initializer=keras.initializers.GlorotUniform(seed=7))(meta)
+        context = layers.Dense(
+            32,
+            activation="relu",
+            name="meta_context",
+            kernel_initializer=keras.initializers.GlorotUniform(seed=7),
+        )(meta)
 
     def film(x: Any, name: str) -> Any:
         """x * (1 + gamma(metadata)) + beta(metadata), per channel."""
@@ -147,16 +152,19 @@ def build_model(*, with_metadata: bool, n_features: int = 5) -> Any:
     u = layers.Conv2D(32, 1, name="up8_proj")(s16)
     u = layers.UpSampling2D(2, interpolation="bilinear")(u)
     u = layers.Conv2D(32, 3, padding="same", activation="relu", name="up8_conv")(
-        layers.Add()([u, s8]))
+        layers.Add()([u, s8])
+    )
     u = layers.UpSampling2D(2, interpolation="bilinear")(layers.Conv2D(24, 1, name="up4_proj")(u))
     u = layers.ReLU()(layers.Add()([u, s4]))
     logit = layers.Conv2D(1, 1, name="heatmap_logit")(u)
     heatmap = layers.Activation("sigmoid", name="heatmap")(logit)
-    pooled = layers.Concatenate()([
-        layers.GlobalMaxPooling2D()(s16),
-        layers.GlobalAveragePooling2D()(s16),
-        layers.GlobalMaxPooling2D()(logit),
-    ])
+    pooled = layers.Concatenate()(
+        [
+            layers.GlobalMaxPooling2D()(s16),
+            layers.GlobalAveragePooling2D()(s16),
+            layers.GlobalMaxPooling2D()(logit),
+        ]
+    )
     # The classifier is modulated too: age can re-weight whole findings (a
     # small dense focus, a missing CSF rim) after they have been pooled, and
     # its shift is how the metadata enters the decision directly.
@@ -181,7 +189,7 @@ def _batches(data: ev.SliceSet, *, with_metadata: bool, seed: int) -> Any:
             return math.ceil(len(data) / BATCH)
 
         def __getitem__(self, i: int) -> tuple[dict, dict]:
-            idx = np.sort(self.order[i * BATCH:(i + 1) * BATCH])
+            idx = np.sort(self.order[i * BATCH : (i + 1) * BATCH])
             image = data.image[idx].astype(np.float32)
             heatmap = data.heatmap[idx].astype(np.float32)
             # Left-right mirroring: the phantom population is symmetric, so a
@@ -206,8 +214,15 @@ def _batches(data: ev.SliceSet, *, with_metadata: bool, seed: int) -> Any:
     return Batches()
 
 
-def _fit(model: Any, data: ev.SliceSet, *, with_metadata: bool, seed: int, epochs: int,
-         learning_rate: float) -> None:
+def _fit(
+    model: Any,
+    data: ev.SliceSet,
+    *,
+    with_metadata: bool,
+    seed: int,
+    epochs: int,
+    learning_rate: float,
+) -> None:
     """Adam with a cosine decay over ``epochs``, seeded batch order."""
     import keras
 
@@ -222,8 +237,9 @@ def _fit(model: Any, data: ev.SliceSet, *, with_metadata: bool, seed: int, epoch
     model.fit(batches, epochs=epochs, verbose=2, shuffle=False)
 
 
-def train_models(data: ev.SliceSet, *, seed: int, shared_epochs: int, branch_epochs: int
-                 ) -> tuple[Any, Any]:
+def train_models(
+    data: ev.SliceSet, *, seed: int, shared_epochs: int, branch_epochs: int
+) -> tuple[Any, Any]:
     """Train the metadata model and its image-only ablation as a paired comparison.
 
     1. The image-only network trains for ``shared_epochs``.
@@ -246,8 +262,14 @@ def train_models(data: ev.SliceSet, *, seed: int, shared_epochs: int, branch_epo
 
     keras.utils.set_random_seed(seed)
     ablation = build_model(with_metadata=False)
-    _fit(ablation, data, with_metadata=False, seed=seed, epochs=shared_epochs,
-         learning_rate=LEARNING_RATE)
+    _fit(
+        ablation,
+        data,
+        with_metadata=False,
+        seed=seed,
+        epochs=shared_epochs,
+        learning_rate=LEARNING_RATE,
+    )
     shared = {layer.name: layer.get_weights() for layer in ablation.layers}
     model = build_model(with_metadata=True)
     copied = 0
@@ -257,8 +279,14 @@ def train_models(data: ev.SliceSet, *, seed: int, shared_epochs: int, branch_epo
             copied += 1
     assert copied == sum(1 for layer in ablation.layers if layer.weights)
     for net, with_metadata in ((ablation, False), (model, True)):
-        _fit(net, data, with_metadata=with_metadata, seed=seed + 1, epochs=branch_epochs,
-             learning_rate=BRANCH_LEARNING_RATE)
+        _fit(
+            net,
+            data,
+            with_metadata=with_metadata,
+            seed=seed + 1,
+            epochs=branch_epochs,
+            learning_rate=BRANCH_LEARNING_RATE,
+        )
     return model, ablation
 
 
@@ -290,8 +318,14 @@ def validation_series(models: dict[str, Any], seed: int, n: int) -> dict[str, np
 # --------------------------------------------------------------------------
 
 
-_CARD_METRICS = ("auroc", "sensitivity", "specificity", "volume_mae_ml", "volume_correlation",
-                 "key_slice_hit_rate")
+_CARD_METRICS = (
+    "auroc",
+    "sensitivity",
+    "specificity",
+    "volume_mae_ml",
+    "volume_correlation",
+    "key_slice_hit_rate",
+)
 
 
 def _metrics_block(result: dict[str, Any], key: str) -> dict[str, Any]:
@@ -304,10 +338,17 @@ def _metrics_block(result: dict[str, Any], key: str) -> dict[str, Any]:
     }
 
 
-def write_card(out: Path, *, threshold: float, series_threshold: float,
-               ablation_threshold: float, ablation_series_threshold: float,
-               result: dict[str, Any], validation: dict[str, Any],
-               training: dict[str, Any]) -> dict[str, Any]:
+def write_card(
+    out: Path,
+    *,
+    threshold: float,
+    series_threshold: float,
+    ablation_threshold: float,
+    ablation_series_threshold: float,
+    result: dict[str, Any],
+    validation: dict[str, Any],
+    training: dict[str, Any],
+) -> dict[str, Any]:
     """Write ``model.json`` (the card schema of :mod:`inference.card`).
 
     ``metrics.held_out`` and ``metrics.image_only_ablation`` hold the card's
@@ -325,10 +366,14 @@ def write_card(out: Path, *, threshold: float, series_threshold: float,
     tolerance = 0.01
     details = {
         "per_series": "held_out_series.csv",
-        "auroc_se": {"model": result["model"]["auroc_se"],
-                     "image_only_ablation": result["ablation"]["auroc_se"]},
-        "auroc_by_age": {"model": result["model"]["auroc_by_age"],
-                         "image_only_ablation": result["ablation"]["auroc_by_age"]},
+        "auroc_se": {
+            "model": result["model"]["auroc_se"],
+            "image_only_ablation": result["ablation"]["auroc_se"],
+        },
+        "auroc_by_age": {
+            "model": result["model"]["auroc_by_age"],
+            "image_only_ablation": result["ablation"]["auroc_by_age"],
+        },
         "metadata_benefit_paired_bootstrap": result["metadata_benefit"],
         "ablation_threshold": round(ablation_threshold, 4),
         "ablation_series_threshold": round(ablation_series_threshold, 4),
@@ -421,35 +466,34 @@ def write_readme(out: Path, card: dict[str, Any]) -> None:
     ]
     table = "\n".join(f"| {label} | {_fmt(held[k])} | {_fmt(abl[k])} |" for label, k in rows)
     se = details["auroc_se"]
-    table += f"\n| AUROC standard error | {_fmt(se['model'])} | " \
-             f"{_fmt(se['image_only_ablation'])} |"
+    table += f"\n| AUROC standard error | {_fmt(se['model'])} | {_fmt(se['image_only_ablation'])} |"
     by_age = details["auroc_by_age"]
     ages = "\n".join(
         f"| AUROC, age {band} | {_fmt(by_age['model'][band])} | "
         f"{_fmt(by_age['image_only_ablation'][band])} |"
         for band in by_age["model"]
     )
-    text = f"""# {card['name']}
+    text = f"""# {card["name"]}
 
 **Demonstration only, not for clinical use.** Trained and tested only on
 synthetic head CT phantoms (`inference/synthetic/headct.py`); it has never
 seen a patient image.
 
-- Model id `{card['id']}`, version {card['version']}, Keras 3 (`model.keras`);
+- Model id `{card["id"]}`, version {card["version"]}, Keras 3 (`model.keras`);
   image-only ablation `ablation_image_only.keras`.
 - Input: one axial CT slice in Hounsfield units, windows 40/80 and 80/200,
   1 mm pixels, 256 x 256; metadata age, age known, sex (M/F one-hot), slice
   thickness (FiLM modulation of the image features).
-- Output per slice: `probability` (threshold {card['threshold']}) and
+- Output per slice: `probability` (threshold {card["threshold"]}) and
   `heatmap` (64 x 64, 4 mm cells). Per series (plugin): maximum slice
-  probability (threshold {card['series_threshold']}), key slice = argmax,
+  probability (threshold {card["series_threshold"]}), key slice = argmax,
   volume = cells >= 0.5 x 16 mm^2 x slice spacing.
 - Finding: SCT 50960005 "Hemorrhage", site SCT 12738006 "Brain structure".
 
 ## Held-out results
 
-{held['n_series']} fresh synthetic series (seed {held['seed']}, prevalence
-{held['prevalence']:.2f}; 5 mm routine and 1.25 mm thin, 0.45-0.49 mm pixels,
+{held["n_series"]} fresh synthetic series (seed {held["seed"]}, prevalence
+{held["prevalence"]:.2f}; 5 mm routine and 1.25 mm thin, 0.45-0.49 mm pixels,
 512 x 512), every slice through the plugin's preprocessing. Per-series
 results are in `held_out_series.csv`.
 
@@ -459,18 +503,18 @@ results are in `held_out_series.csv`.
 {ages}
 
 Both models are read at the card's series threshold. At its own
-validation-chosen threshold ({own['threshold']:.3f}) the image-only model
-has sensitivity {_fmt(own['sensitivity'])} and specificity
-{_fmt(own['specificity'])}.
+validation-chosen threshold ({own["threshold"]:.3f}) the image-only model
+has sensitivity {_fmt(own["sensitivity"])} and specificity
+{_fmt(own["specificity"])}.
 
 Metadata benefit (series AUROC difference, same series):
-{benefit['difference']:+.3f}, paired bootstrap 95 % interval
-[{benefit['ci95'][0]:+.3f}, {benefit['ci95'][1]:+.3f}] (no gain or a loss in
-{100 * benefit['p_not_better']:.0f} % of resamples). On validation data the
-slice AUROC was {_fmt(val['slice_auroc']['model'])} with metadata and
-{_fmt(val['slice_auroc']['image_only_ablation'])} without ({val['n_slices']} slices),
-the series AUROC {_fmt(val['series_auroc']['model'])} and
-{_fmt(val['series_auroc']['image_only_ablation'])} ({val['n_series']} series). The
+{benefit["difference"]:+.3f}, paired bootstrap 95 % interval
+[{benefit["ci95"][0]:+.3f}, {benefit["ci95"][1]:+.3f}] (no gain or a loss in
+{100 * benefit["p_not_better"]:.0f} % of resamples). On validation data the
+slice AUROC was {_fmt(val["slice_auroc"]["model"])} with metadata and
+{_fmt(val["slice_auroc"]["image_only_ablation"])} without ({val["n_slices"]} slices),
+the series AUROC {_fmt(val["series_auroc"]["model"])} and
+{_fmt(val["series_auroc"]["image_only_ablation"])} ({val["n_series"]} series). The
 benefit is small and not certain: most of what age tells about this
 phantom (atrophy, skull, myelination) is also visible in the image, and a
 small network trained for minutes learns the remaining interactions only
@@ -478,14 +522,14 @@ in part.
 
 ## Training
 
-`{tr['command']}` (seed {tr['seed']}): {tr['n_train_slices']} training slices
-from {tr['n_train_heads']} phantom heads, {tr['epochs']} epochs per model, TensorFlow
-{tr['tensorflow']}. Protocol: {tr['protocol']}. The whole script (data, both
-trainings, validation, this evaluation) took {tr['duration_s']:.0f} s wall time
-and {tr['cpu_s']:.0f} CPU seconds on {tr['cpu_count']} cores (load average
-{tr['load_average_at_start_end'][0]} at the start: the machine was shared).
-Weights: model {tr['weights_bytes']['model.keras'] / 1024:.0f} KiB, ablation
-{tr['weights_bytes']['ablation_image_only.keras'] / 1024:.0f} KiB.
+`{tr["command"]}` (seed {tr["seed"]}): {tr["n_train_slices"]} training slices
+from {tr["n_train_heads"]} phantom heads, {tr["epochs"]} epochs per model, TensorFlow
+{tr["tensorflow"]}. Protocol: {tr["protocol"]}. The whole script (data, both
+trainings, validation, this evaluation) took {tr["duration_s"]:.0f} s wall time
+and {tr["cpu_s"]:.0f} CPU seconds on {tr["cpu_count"]} cores (load average
+{tr["load_average_at_start_end"][0]} at the start: the machine was shared).
+Weights: model {tr["weights_bytes"]["model.keras"] / 1024:.0f} KiB, ablation
+{tr["weights_bytes"]["ablation_image_only.keras"] / 1024:.0f} KiB.
 
 ## Limits
 
@@ -529,14 +573,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # Data first, before TensorFlow is imported: the worker processes render.
     train = ev.synthesize_slices(
-        ev.SliceSpec(args.seed, ev.STREAM_TRAIN, SLICES_PER_HEAD), args.train_heads,
-        workers=args.workers)
+        ev.SliceSpec(args.seed, ev.STREAM_TRAIN, SLICES_PER_HEAD),
+        args.train_heads,
+        workers=args.workers,
+    )
     val = ev.synthesize_slices(
-        ev.SliceSpec(args.seed, ev.STREAM_VALIDATION, SLICES_PER_HEAD, p_mask_age=0.0,
-                     p_mask_sex=0.0), N_VALIDATION_HEADS, workers=args.workers)
+        ev.SliceSpec(
+            args.seed, ev.STREAM_VALIDATION, SLICES_PER_HEAD, p_mask_age=0.0, p_mask_sex=0.0
+        ),
+        N_VALIDATION_HEADS,
+        workers=args.workers,
+    )
     t_data = time.monotonic() - start
-    print(f"data: {len(train)} training slices ({train.label.mean():.2f} positive), "
-          f"{len(val)} validation slices, {t_data:.0f} s", flush=True)
+    print(
+        f"data: {len(train)} training slices ({train.label.mean():.2f} positive), "
+        f"{len(val)} validation slices, {t_data:.0f} s",
+        flush=True,
+    )
 
     import keras
     import tensorflow as tf
@@ -547,8 +600,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tf.config.threading.set_intra_op_parallelism_threads(os.cpu_count() or 1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
 
-    model, ablation = train_models(train, seed=args.seed, shared_epochs=args.shared_epochs,
-                                   branch_epochs=args.branch_epochs)
+    model, ablation = train_models(
+        train, seed=args.seed, shared_epochs=args.shared_epochs, branch_epochs=args.branch_epochs
+    )
     t_train = time.monotonic() - start
     del train
 
@@ -556,21 +610,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p_val_abl = predict_set(ablation, val, with_metadata=False)
     threshold = ev.youden_threshold(val.label, p_val)
     abl_threshold = ev.youden_threshold(val.label, p_val_abl)
-    vs = validation_series({"": model, "_ablation": ablation}, args.seed,
-                           args.validation_series)
+    vs = validation_series({"": model, "_ablation": ablation}, args.seed, args.validation_series)
     series_threshold = ev.youden_threshold(vs["label"], vs["probability"])
     abl_series_threshold = ev.youden_threshold(vs["label"], vs["probability_ablation"])
-    print(f"validation: slice AUROC {ev.auroc(val.label, p_val):.3f} "
-          f"(image only {ev.auroc(val.label, p_val_abl):.3f}); series AUROC "
-          f"{ev.auroc(vs['label'], vs['probability']):.3f} "
-          f"(image only {ev.auroc(vs['label'], vs['probability_ablation']):.3f})", flush=True)
+    print(
+        f"validation: slice AUROC {ev.auroc(val.label, p_val):.3f} "
+        f"(image only {ev.auroc(val.label, p_val_abl):.3f}); series AUROC "
+        f"{ev.auroc(vs['label'], vs['probability']):.3f} "
+        f"(image only {ev.auroc(vs['label'], vs['probability_ablation']):.3f})",
+        flush=True,
+    )
 
     export(model, out / "model.keras", with_metadata=True)
     export(ablation, out / "ablation_image_only.keras", with_metadata=False)
-    result = ev.evaluate(out, n_series=args.held_out_series, seed=HELD_OUT_SEED,
-                         workers=args.workers, threshold=series_threshold,
-                         ablation_threshold=abl_series_threshold,
-                         predictions_csv=out / "held_out_series.csv")
+    result = ev.evaluate(
+        out,
+        n_series=args.held_out_series,
+        seed=HELD_OUT_SEED,
+        workers=args.workers,
+        threshold=series_threshold,
+        ablation_threshold=abl_series_threshold,
+        predictions_csv=out / "held_out_series.csv",
+    )
     duration = time.monotonic() - start
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_s = time.process_time() + usage.ru_utime + usage.ru_stime
@@ -598,10 +659,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "batch_size": BATCH,
         "optimizer": f"Adam, cosine decay from {LEARNING_RATE}",
         "loss": f"binary cross-entropy (probability) + {HEATMAP_LOSS_WEIGHT} x binary "
-                "cross-entropy (heatmap, soft targets = haemorrhage fraction per cell)",
+        "cross-entropy (heatmap, soft targets = haemorrhage fraction per cell)",
         "slice_label": f"haemorrhage area >= {ev.MIN_LESION_AREA_MM2:g} mm^2 in the slice",
         "threshold_selection": "Youden index on validation slices (threshold) and on "
-                               "validation series, max slice probability (series_threshold)",
+        "validation series, max slice probability (series_threshold)",
         "duration_s": round(duration, 1),
         # CPU seconds of this process and its workers: the wall time depends
         # on what else runs on the machine, this does not.
@@ -622,18 +683,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     validation = {
         "n_slices": len(val),
-        "slice_auroc": {"model": round(ev.auroc(val.label, p_val), 4),
-                        "image_only_ablation": round(ev.auroc(val.label, p_val_abl), 4)},
+        "slice_auroc": {
+            "model": round(ev.auroc(val.label, p_val), 4),
+            "image_only_ablation": round(ev.auroc(val.label, p_val_abl), 4),
+        },
         "n_series": int(len(vs["label"])),
         "series_auroc": {
             "model": round(ev.auroc(vs["label"], vs["probability"]), 4),
             "image_only_ablation": round(ev.auroc(vs["label"], vs["probability_ablation"]), 4),
         },
     }
-    card = write_card(out, threshold=threshold, series_threshold=series_threshold,
-                      ablation_threshold=abl_threshold,
-                      ablation_series_threshold=abl_series_threshold, result=result,
-                      validation=validation, training=training)
+    card = write_card(
+        out,
+        threshold=threshold,
+        series_threshold=series_threshold,
+        ablation_threshold=abl_threshold,
+        ablation_series_threshold=abl_series_threshold,
+        result=result,
+        validation=validation,
+        training=training,
+    )
     write_readme(out, card)
     summary = {k: result[k] for k in ("model", "ablation", "ablation_own_threshold")}
     print(json.dumps({"duration_s": round(duration, 1), **summary}, indent=2))
