@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 STATES = ("queued", "running", "done", "skipped", "failed", "dead")
 FINAL_STATES = ("done", "skipped", "dead")
@@ -103,6 +103,35 @@ def _iso(ts: float) -> str:
 
 def job_key(instance: str, model: str = "", version: str = "") -> str:
     return f"{instance}|{model}|{version}"
+
+
+class JobStore(Protocol):
+    """What the service needs from a job store.
+
+    SQLite serves one Orthanc; a PostgreSQL store (claims with
+    ``SELECT ... FOR UPDATE SKIP LOCKED``) would let several Orthanc nodes share
+    the work behind the same interface.
+    """
+
+    def recover(self) -> int: ...
+    def add(self, instance: str, *, study: str | None, series: str | None, model: str = "",
+            version: str = "", state: str = "queued", reason: str | None = None,
+            key: str | None = None) -> Job | None: ...
+    def claim(self, job_id: int) -> Job | None: ...
+    def claim_next(self) -> Job | None: ...
+    def finish(self, job_id: int, state: str, *, reason: str | None = None,
+               result: dict[str, Any] | None = None, retry_at: float = 0.0) -> None: ...
+    def requeue(self, job_id: int) -> Job | None: ...
+    def delete(self, job_id: int) -> None: ...
+    def get(self, job_id: int) -> Job | None: ...
+    def for_instance(self, instance: str) -> list[Job]: ...
+    def list(self, **filters: Any) -> list[Job]: ...
+    def counts(self) -> dict[str, int]: ...
+    def add_to_inbox(self, items: list[tuple[str, str, int]], cursor: int) -> None: ...
+    def take_from_inbox(self) -> tuple[str, str, float] | None: ...
+    def inbox_size(self) -> int: ...
+    def forget_instance_outcomes(self, instance: str) -> int: ...
+    def get_value(self, key: str) -> str | None: ...
 
 
 class SqliteJobStore:
@@ -253,10 +282,6 @@ class SqliteJobStore:
         row = self._conn().execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
         return self._job(row) if row else None
 
-    def get_by_key(self, key: str) -> Job | None:
-        row = self._conn().execute("SELECT * FROM jobs WHERE job_key=?", (key,)).fetchone()
-        return self._job(row) if row else None
-
     def for_instance(self, instance: str) -> list[Job]:
         rows = self._conn().execute(
             "SELECT * FROM jobs WHERE instance=? ORDER BY id", (instance,)
@@ -334,11 +359,3 @@ class SqliteJobStore:
     def get_value(self, key: str) -> str | None:
         row = self._conn().execute("SELECT value FROM kv WHERE key=?", (key,)).fetchone()
         return row[0] if row else None
-
-    def set_value(self, key: str, value: str) -> None:
-        with self._tx() as db:
-            db.execute(
-                "INSERT INTO kv (key, value) VALUES (?, ?)"
-                " ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-                (key, value),
-            )

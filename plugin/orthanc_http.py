@@ -44,7 +44,9 @@ class OrthancClient:
         except requests.RequestException as exc:
             raise TransientError(f"Orthanc REST {method} {path.split('?')[0]}: {exc}") from exc
         if response.status_code == 404:
-            raise InstanceGone(f"not found in Orthanc: {path.split('?')[0]}")
+            raise InstanceGone(
+                f"deleted from Orthanc before its job ran (404 on {path.split('?')[0]})"
+            )
         if response.status_code >= 500 or response.status_code in (408, 429, 503):
             raise TransientError(
                 f"Orthanc REST {method} {path.split('?')[0]}: HTTP {response.status_code}"

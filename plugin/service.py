@@ -35,7 +35,7 @@ from inference.report import MANUFACTURER, build_sr
 from inference.routing import Router
 
 from .config import AIConfig
-from .jobs import Job, SqliteJobStore
+from .jobs import Job, JobStore
 from .metrics import Metrics
 from .orthanc_http import InstanceGone, OrthancClient
 from .series import analyse_series, triage_series
@@ -97,7 +97,7 @@ class Service:
     def __init__(
         self,
         config: AIConfig,
-        store: SqliteJobStore,
+        store: JobStore,
         client: OrthancClient,
         registry: Registry,
         backend: Backend,

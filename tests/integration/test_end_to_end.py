@@ -211,3 +211,19 @@ def test_models_lists_the_card_with_its_metrics(server, card):
     metrics = listed["metrics"]
     assert metrics["held_out"]["auroc"] > metrics["image_only_ablation"]["auroc"]
     assert np.isfinite(listed["threshold"])
+
+
+def test_reprocessing_a_study_keeps_one_sr_per_image_and_model_version(server, sent):
+    _, ids, jobs = sent
+    study = jobs[0]["study"]
+    before = server.get(f"/studies/{study}/instances")
+    answer = server.post(f"/ai/studies/{study}/reprocess")
+    assert answer["instances"] == len(before)
+    import time
+
+    time.sleep(3)  # let the workers decide again
+    server.wait_jobs([ids[0]])
+    assert len([j for j in server.jobs(instance=ids[0]) if j["model"]]) == 1
+    assert server.get(f"/studies/{study}/instances") == before  # no new SR
+    r = server.http.post(server.url + "/ai/studies/not-a-study/reprocess", timeout=10)
+    assert r.status_code == 404

@@ -144,6 +144,12 @@ def test_a_backend_that_always_fails_ends_dead_with_the_reason(tmp_path):
     assert "gave up after 3 attempt(s)" in job["reason"] and "model server" in job["reason"]
 
 
+def test_sigterm_stops_orthanc_cleanly(tmp_path):
+    server = OrthancAI(tmp_path / "srv").start()
+    assert server.stop() == 0
+    assert "Orthanc has stopped" in server.log_tail()
+
+
 @pytest.mark.parametrize("route", ["/ai/jobs/999999/retry"])
 def test_retry_of_an_unknown_job_is_a_clear_error(server, route):
     r = server.http.post(server.url + route, timeout=10)
