@@ -149,18 +149,37 @@ def bench_pipeline(work: Path, files: list[Path], extra: dict,
 
 
 def bench_memory(work: Path, small: int, large: int, extra: dict) -> dict[str, float]:
+    """Orthanc's resident size after `small` and `large` instances, plugin on and off.
+
+    Orthanc grows by itself (index, storage cache); the plugin's part is the
+    difference between the two runs.
+    """
     files = dx_corpus(work / "mem-dx", large, base_images=10, seed=9000, spacing_mm=0.5)
-    config = write_config(work / "mem.json", **extra)
-    with OrthancAI(work / "memory", config=config) as server:
-        server.storescu(files[:small])
-        settle(server, small)
-        rss_small = rss_kib(orthanc_pid(server))
-        server.storescu(files[small:])
-        settle(server, large)
-        rss_large = rss_kib(orthanc_pid(server))
-    return {"rss_small_mib": rss_small / 1024, "rss_large_mib": rss_large / 1024,
-            "memory_instances": [small, large],
-            "memory_growth": (rss_large - rss_small) / rss_small}
+    out: dict[str, float] = {"memory_instances": [small, large]}  # type: ignore[dict-item]
+    for name, config in (("off", write_config(work / "mem-off.json", Enabled=False)),
+                         ("on", write_config(work / "mem-on.json", **extra))):
+        server = OrthancAI(work / f"memory-{name}", config=config).start(
+            wait_ready=name == "on")
+        try:
+            rss = []
+            for batch in (files[:small], files[small:]):
+                server.storescu(batch)
+                if name == "on":
+                    settle(server, small if batch is files[:small] else large)
+                rss.append(rss_kib(orthanc_pid(server)))
+        finally:
+            server.stop()
+        out[f"rss_small_{name}_mib"] = rss[0] / 1024
+        out[f"rss_large_{name}_mib"] = rss[1] / 1024
+    out["rss_small_mib"], out["rss_large_mib"] = out["rss_small_on_mib"], out["rss_large_on_mib"]
+    out["memory_growth"] = (out["rss_large_on_mib"] - out["rss_small_on_mib"]) / out[
+        "rss_small_on_mib"]
+    out["memory_growth_orthanc_alone"] = (out["rss_large_off_mib"] - out["rss_small_off_mib"]) \
+        / out["rss_small_off_mib"]
+    out["memory_growth_plugin_mib"] = (
+        (out["rss_large_on_mib"] - out["rss_small_on_mib"])
+        - (out["rss_large_off_mib"] - out["rss_small_off_mib"]))
+    return out
 
 
 def verdict(key: str, value: float) -> str:
@@ -176,6 +195,8 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     keys = [k for k in TARGETS if k in report]
+    if not keys:
+        return
     fig, ax = plt.subplots(figsize=(8, 4))
     values = [report[k] for k in keys]
     ax.bar(range(len(keys)), values, color=["tab:blue"] * len(keys))
@@ -197,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     parser.add_argument("--models", type=Path, default=PROJECT_ROOT / "models")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--only", choices=("ingest", "pipeline", "memory"), action="append",
+                        help="run only these measures (default: all)")
     args = parser.parse_args(argv)
     if args.quick:
         args.images, args.memory = 40, (50, 200)
@@ -209,20 +232,30 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         files = dx_corpus(work / "dx", args.images, base_images=20, seed=8000, spacing_mm=0.2)
         report["image_size"] = list(pydicom.dcmread(files[0]).pixel_array.shape)
-        bare = bare_compute(files, args.models)
-        report.update(bench_ingest(work, files, extra))
-        report.update(bench_pipeline(work, files, extra, bare))
-        report.update(bench_memory(work, *args.memory, extra))
-    (args.out / "report.json").write_text(json.dumps(report, indent=2))
-    plot(report, args.out / "report.png")
+        only = set(args.only or ("ingest", "pipeline", "memory"))
+        if "ingest" in only:
+            report.update(bench_ingest(work, files, extra))
+        if "pipeline" in only:
+            bare = bare_compute(files, args.models)
+            report.update(bench_pipeline(work, files, extra, bare))
+        if "memory" in only:
+            report.update(bench_memory(work, *args.memory, extra))
+    name = "report" if not args.only else "report-" + "-".join(sorted(only))
+    name += "" if (args.backend, args.workers) == ("in-process", 1) else \
+        f"-{args.backend}-w{args.workers}"
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=2))
+    plot(report, args.out / f"{name}.png")
     print(f"{'measure':28} {'value':>10}  verdict")
     for key in TARGETS:
-        print(f"{key:28} {report[key]:>10.3f}  {verdict(key, report[key])}")
+        if key in report:
+            print(f"{key:28} {report[key]:>10.3f}  {verdict(key, report[key])}")
     for key in ("ingest_off_per_s", "ingest_on_per_s", "pipeline_images_per_s",
                 "bare_images_per_s", "latency_p50_s", "latency_p95_s", "bare_single_s",
-                "rss_small_mib", "rss_large_mib"):
-        print(f"{key:28} {report[key]:>10.3f}")
-    print(f"report: {args.out / 'report.json'}, plot: {args.out / 'report.png'}")
+                "rss_small_mib", "rss_large_mib", "rss_small_off_mib", "rss_large_off_mib",
+                "memory_growth_orthanc_alone", "memory_growth_plugin_mib"):
+        if key in report:
+            print(f"{key:28} {report[key]:>10.3f}")
+    print(f"report: {args.out / (name + '.json')}, plot: {args.out / (name + '.png')}")
     return 0
 
 

@@ -174,19 +174,21 @@ def build_sr(
     # TID 1600 (Image Library) is optional; highdicom needs the geometry
     # attributes of TID 1603/1604 to describe an image, which real-world
     # images may lack. The source image stays referenced by every group.
-    try:
-        hd.sr.ImageLibrary([header])
-        library: list[Dataset] | None = [header]
-    except (AttributeError, KeyError, IndexError, TypeError, ValueError):
-        library = None
     modality = str(source.get("Modality", ""))
     procedure = CT_PROCEDURE if modality == "CT" else PLAIN_RADIOGRAPHY
-    report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=procedure,
-        imaging_measurements=groups,
-        referenced_images=library,
-    )
+
+    def measurement_report(library: list[Dataset] | None) -> hd.sr.MeasurementReport:
+        return hd.sr.MeasurementReport(
+            observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+            procedure_reported=procedure,
+            imaging_measurements=groups,
+            referenced_images=library,
+        )
+
+    try:
+        report = measurement_report([header])
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError):
+        report = measurement_report(None)
     now = now or dt.datetime.now()
     return hd.sr.Comprehensive3DSR(
         evidence=[header],

@@ -81,6 +81,9 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     env = dict(os.environ)
     env["ORTHANC_AI_SITE_PACKAGES"] = sysconfig.get_paths()["purelib"]
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # glibc gives each thread its own malloc arena; with Orthanc's many threads
+    # and ours, freed memory stays mapped and the resident size creeps up.
+    env.setdefault("MALLOC_ARENA_MAX", "2")
     return [ORTHANC, str(path)], env
 
 
