@@ -29,13 +29,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian
 
 from inference.uids import derived_uid
 
+from .common import base_dataset
 from .headct import Head, render_slice, sample_head
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -45,15 +44,6 @@ ENCODINGS: tuple[str, ...] = ("unsigned12", "unsigned16", "signed16")
 PADDING_VALUE = -2000  # stored value outside the reconstruction circle (signed16)
 BRAIN_WINDOW = (40.0, 80.0)
 SUBDURAL_WINDOW = (80.0, 200.0)
-
-
-def age_string(years: float) -> str:
-    """PS3.5 AS value: days, weeks, months or years, 3 digits and a unit."""
-    if years >= 2.0:
-        return f"{min(int(years), 999):03d}Y"
-    if years >= 2.0 / 12.0:
-        return f"{int(years * 12):03d}M"
-    return f"{int(years * 365.25 / 7):03d}W"
 
 
 def encode_hu(
@@ -191,42 +181,13 @@ def ct_dataset(
     padding = reconstruction_circle(rows, cols) if pad_outside_circle else None
     stored, pixel_attrs = encode_hu(hu, encoding, padding_mask=padding)
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = "ORTHANC_AI_SYN"
-
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.preamble = b"\0" * 128
-
-    # SOP Common
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID = CT_IMAGE_STORAGE
-    ds.SOPInstanceUID = sop_uid
-    ds.InstanceCreationDate = study_date
-    ds.InstanceCreationTime = study_time
-    ds.InstanceNumber = instance_number
-
-    # Patient
-    ds.PatientName = patient_name
-    ds.PatientID = patient_id
-    ds.PatientBirthDate = birth_date or ""
-    ds.PatientSex = patient_sex or ""
-    ds.PatientIdentityRemoved = "NO"
-
-    # General Study / Patient Study
-    ds.StudyInstanceUID = study_uid
-    ds.StudyDate = study_date
-    ds.StudyTime = study_time
-    ds.ReferringPhysicianName = ""
-    ds.StudyID = accession_number[-16:] if accession_number else "1"
-    ds.AccessionNumber = accession_number
-    ds.StudyDescription = study_description
-    if patient_age_years is not None:
-        ds.PatientAge = age_string(patient_age_years)
+    ds = base_dataset(
+        CT_IMAGE_STORAGE, sop_uid, instance_number=instance_number, patient_id=patient_id,
+        patient_name=patient_name, patient_sex=patient_sex,
+        patient_age_years=patient_age_years, birth_date=birth_date, study_uid=study_uid,
+        study_date=study_date, study_time=study_time, accession_number=accession_number,
+        study_description=study_description,
+    )
 
     # General Series
     ds.Modality = "CT"

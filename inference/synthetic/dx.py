@@ -17,11 +17,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian
 
+from .common import base_dataset
 from .radiograph import EVAL_SPACINGS, Rendered, render, sample_case
 
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -56,15 +55,6 @@ _ORIENTATION = {
     "LL": ["A", "F"],
     "RL": ["P", "F"],
 }
-
-
-def _age_string(years: float) -> str:
-    """PS3.5 AS value: days, weeks, months or years, 3 digits and a unit."""
-    if years >= 2.0:
-        return f"{min(int(years), 999):03d}Y"
-    if years >= 2.0 / 12.0:
-        return f"{int(years * 12):03d}M"
-    return f"{int(years * 365.25 / 7):03d}W"
 
 
 def dx_dataset(
@@ -144,42 +134,13 @@ def dx_dataset(
     rows, cols = stored.shape
     photometric = rendered.photometric
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DX_FOR_PRESENTATION
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = "ORTHANC_AI_SYN"
-
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.preamble = b"\0" * 128
-
-    # SOP Common
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID = DX_FOR_PRESENTATION
-    ds.SOPInstanceUID = sop_uid
-    ds.InstanceCreationDate = study_date
-    ds.InstanceCreationTime = study_time
-    ds.InstanceNumber = instance_number
-
-    # Patient
-    ds.PatientName = patient_name
-    ds.PatientID = patient_id
-    ds.PatientBirthDate = birth_date or ""
-    ds.PatientSex = patient_sex or ""
-    ds.PatientIdentityRemoved = "NO"
-
-    # General Study / Patient Study
-    ds.StudyInstanceUID = study_uid
-    ds.StudyDate = study_date
-    ds.StudyTime = study_time
-    ds.ReferringPhysicianName = ""
-    ds.StudyID = accession_number[-16:] if accession_number else "1"
-    ds.AccessionNumber = accession_number
-    ds.StudyDescription = study_description
-    if patient_age_years is not None:
-        ds.PatientAge = _age_string(patient_age_years)
+    ds = base_dataset(
+        DX_FOR_PRESENTATION, sop_uid, instance_number=instance_number, patient_id=patient_id,
+        patient_name=patient_name, patient_sex=patient_sex,
+        patient_age_years=patient_age_years, birth_date=birth_date, study_uid=study_uid,
+        study_date=study_date, study_time=study_time, accession_number=accession_number,
+        study_description=study_description,
+    )
 
     # General Series / DX Series
     ds.Modality = "DX"
