@@ -21,7 +21,6 @@ import json
 import math
 import multiprocessing
 import os
-from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,11 @@ import numpy as np
 from inference.preprocess import prepare_radiograph
 from inference.synthetic.dx import dx_dataset
 from inference.synthetic.radiograph import EVAL_SPACINGS, TRAIN_SPACINGS, render, sample_case
+from inference.training.metrics import (
+    auroc,
+    round4,
+    sensitivity_specificity,
+)
 
 FEATURE_NAMES: tuple[str, ...] = ("age_years", "age_known", "sex_male", "sex_female")
 CANVAS: tuple[int, int] = (256, 256)
@@ -277,30 +281,6 @@ def synthesize(spec: DataSpec, n: int, *, workers: int | None = None) -> DataSet
 # --------------------------------------------------------------------------
 
 
-def auroc(labels: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float:
-    """Area under the ROC curve by the rank-sum (Mann-Whitney U) statistic.
-
-    Tied scores get their average rank, which counts a positive-negative tie
-    as half a correct ordering. NaN when one class is absent.
-    """
-    y = np.asarray(labels, dtype=bool)
-    s = np.asarray(scores, dtype=np.float64)
-    n_pos = int(y.sum())
-    n_neg = int(y.size - n_pos)
-    if n_pos == 0 or n_neg == 0:
-        return math.nan
-    order = np.argsort(s, kind="mergesort")
-    sorted_s = s[order]
-    ranks = np.empty(s.size, dtype=np.float64)
-    # Average rank (1-based) over each run of equal scores.
-    boundaries = np.flatnonzero(np.diff(sorted_s)) + 1
-    starts = np.concatenate(([0], boundaries))
-    ends = np.concatenate((boundaries, [s.size]))
-    for start, end in zip(starts, ends, strict=True):
-        ranks[order[start:end]] = 0.5 * (start + end - 1) + 1.0
-    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
-
 
 def paired_bootstrap_auroc_difference(
     labels: np.ndarray, first: np.ndarray, second: np.ndarray, *, n: int = 1000, seed: int = 0
@@ -326,34 +306,6 @@ def paired_bootstrap_auroc_difference(
     low, high = np.percentile(diffs, [2.5, 97.5])
     return auroc(y, a) - auroc(y, b), float(low), float(high)
 
-
-def sensitivity_specificity(
-    labels: np.ndarray, scores: np.ndarray, threshold: float
-) -> tuple[float, float]:
-    """Sensitivity and specificity of ``score >= threshold``."""
-    y = np.asarray(labels, dtype=bool)
-    positive = np.asarray(scores) >= threshold
-    sens = float((positive & y).sum() / max(int(y.sum()), 1))
-    spec = float((~positive & ~y).sum() / max(int((~y).sum()), 1))
-    return sens, spec
-
-
-def youden_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Threshold maximising sensitivity + specificity - 1 (= balanced accuracy).
-
-    Candidates are midpoints between consecutive distinct scores, so the
-    chosen value does not sit exactly on a validation case's score.
-    """
-    s = np.unique(np.asarray(scores, dtype=np.float64))
-    if s.size < 2:
-        return 0.5
-    candidates = 0.5 * (s[1:] + s[:-1])
-    best, best_j = 0.5, -1.0
-    for t in candidates:
-        sens, spec = sensitivity_specificity(labels, scores, float(t))
-        if sens + spec - 1.0 > best_j:
-            best, best_j = float(t), sens + spec - 1.0
-    return best
 
 
 def heatmap_peaks_source(heatmaps: np.ndarray, geometry: np.ndarray) -> np.ndarray:
@@ -397,19 +349,16 @@ def summarise(
     by_age = {}
     for name, low, high in AGE_BANDS:
         sel = (data.age >= low) & (data.age < high)
-        by_age[name] = _round(auroc(y[sel], p[sel]))
+        by_age[name] = round4(auroc(y[sel], p[sel]))
     metrics = {
-        "auroc": _round(auroc(y, p)),
-        "sensitivity": _round(sens),
-        "specificity": _round(spec),
-        "localisation_hit_rate": _round(float(hits[true_pos].mean()) if true_pos.any() else 0.0),
+        "auroc": round4(auroc(y, p)),
+        "sensitivity": round4(sens),
+        "specificity": round4(spec),
+        "localisation_hit_rate": round4(float(hits[true_pos].mean()) if true_pos.any() else 0.0),
         "auroc_by_age": by_age,
     }
     return metrics, hits
 
-
-def _round(x: float) -> float:
-    return float(round(x, 4)) if math.isfinite(x) else x
 
 
 # --------------------------------------------------------------------------
@@ -517,15 +466,3 @@ def write_predictions(path: Path, per_case: dict[str, list]) -> None:
             writer.writerow([i, *(f"{v:.6f}" if isinstance(v, float) else v for v in row)])
 
 
-def read_predictions(path: Path) -> dict[str, np.ndarray]:
-    """Read :func:`write_predictions` output back as arrays keyed by column."""
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    out: dict[str, np.ndarray] = {}
-    for key in rows[0]:
-        values = [r[key] for r in rows]
-        try:
-            out[key] = np.asarray(values, dtype=np.float64)
-        except ValueError:
-            out[key] = np.asarray(values)
-    return out

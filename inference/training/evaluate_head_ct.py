@@ -33,7 +33,7 @@ import math
 import multiprocessing
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +50,12 @@ from inference.synthetic.headct import (
     render_slice,
     sample_head,
     true_volume_ml,
+)
+from inference.training.metrics import (
+    auroc,
+    pearson,
+    round4,
+    sensitivity_specificity,
 )
 
 FEATURE_NAMES: tuple[str, ...] = (
@@ -487,29 +493,6 @@ def aggregate_series(
 # --------------------------------------------------------------------------
 
 
-def auroc(labels: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float:
-    """Area under the ROC curve by the rank-sum (Mann-Whitney U) statistic.
-
-    Tied scores get their average rank (a positive-negative tie counts half).
-    NaN when one class is absent.
-    """
-    y = np.asarray(labels, dtype=bool)
-    s = np.asarray(scores, dtype=np.float64)
-    n_pos = int(y.sum())
-    n_neg = int(y.size - n_pos)
-    if n_pos == 0 or n_neg == 0:
-        return math.nan
-    order = np.argsort(s, kind="mergesort")
-    sorted_s = s[order]
-    ranks = np.empty(s.size, dtype=np.float64)
-    boundaries = np.flatnonzero(np.diff(sorted_s)) + 1
-    starts = np.concatenate(([0], boundaries))
-    ends = np.concatenate((boundaries, [s.size]))
-    for start, end in zip(starts, ends, strict=True):
-        ranks[order[start:end]] = 0.5 * (start + end - 1) + 1.0
-    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
-
 
 def auroc_standard_error(auc: float, n_pos: int, n_neg: int) -> float:
     """Hanley & McNeil (1982) standard error of an AUROC."""
@@ -547,46 +530,11 @@ def paired_auroc_difference(
         diffs[k] = auroc(y[idx], a[idx]) - auroc(y[idx], b[idx])
     low, high = np.percentile(diffs, [2.5, 97.5])
     return {
-        "difference": _round(auroc(y, a) - auroc(y, b)),
-        "ci95": [_round(float(low)), _round(float(high))],
-        "p_not_better": _round(float((diffs <= 0).mean())),
+        "difference": round4(auroc(y, a) - auroc(y, b)),
+        "ci95": [round4(float(low)), round4(float(high))],
+        "p_not_better": round4(float((diffs <= 0).mean())),
     }
 
-
-def sensitivity_specificity(
-    labels: np.ndarray, scores: np.ndarray, threshold: float
-) -> tuple[float, float]:
-    """Sensitivity and specificity of ``score >= threshold``."""
-    y = np.asarray(labels, dtype=bool)
-    positive = np.asarray(scores) >= threshold
-    sens = float((positive & y).sum() / max(int(y.sum()), 1))
-    spec = float((~positive & ~y).sum() / max(int((~y).sum()), 1))
-    return sens, spec
-
-
-def youden_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Threshold maximising sensitivity + specificity - 1 (midpoints between scores)."""
-    s = np.unique(np.asarray(scores, dtype=np.float64))
-    if s.size < 2:
-        return 0.5
-    best, best_j = 0.5, -1.0
-    for t in 0.5 * (s[1:] + s[:-1]):
-        sens, spec = sensitivity_specificity(labels, scores, float(t))
-        if sens + spec - 1.0 > best_j:
-            best, best_j = float(t), sens + spec - 1.0
-    return best
-
-
-def pearson(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson correlation (NaN with fewer than 3 pairs or no spread)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.size < 3 or a.std() == 0 or b.std() == 0:
-        return math.nan
-    return float(np.corrcoef(a, b)[0, 1])
-
-
-def _round(x: float) -> float:
-    return float(round(x, 4)) if math.isfinite(x) else x
 
 
 def series_metrics(rows: dict[str, np.ndarray], suffix: str, threshold: float) -> dict[str, object]:
@@ -605,17 +553,17 @@ def series_metrics(rows: dict[str, np.ndarray], suffix: str, threshold: float) -
     by_age = {}
     for name, low, high in AGE_BANDS:
         sel = (rows["age"] >= low) & (rows["age"] < high)
-        by_age[name] = _round(auroc(y[sel], p[sel]))
+        by_age[name] = round4(auroc(y[sel], p[sel]))
     return {
-        "auroc": _round(auc),
-        "auroc_se": _round(auroc_standard_error(auc, int(y.sum()), int((~y).sum()))),
-        "sensitivity": _round(sens),
-        "specificity": _round(spec),
-        "volume_mae_ml": _round(float(np.mean(np.abs(vol_pred - vol_true))))
+        "auroc": round4(auc),
+        "auroc_se": round4(auroc_standard_error(auc, int(y.sum()), int((~y).sum()))),
+        "sensitivity": round4(sens),
+        "specificity": round4(spec),
+        "volume_mae_ml": round4(float(np.mean(np.abs(vol_pred - vol_true))))
         if y.any()
         else math.nan,
-        "volume_correlation": _round(pearson(vol_true, vol_pred)),
-        "key_slice_hit_rate": _round(float(rows[f"key_slice_hit{suffix}"][y].mean()))
+        "volume_correlation": round4(pearson(vol_true, vol_pred)),
+        "key_slice_hit_rate": round4(float(rows[f"key_slice_hit{suffix}"][y].mean()))
         if y.any()
         else math.nan,
         "auroc_by_age": by_age,
@@ -626,7 +574,7 @@ def series_metrics(rows: dict[str, np.ndarray], suffix: str, threshold: float) -
 # Evaluation of a trained model directory
 # --------------------------------------------------------------------------
 
-PER_SERIES_COLUMNS: tuple[str, ...] = (
+CASE_COLUMNS: tuple[str, ...] = (
     "index",
     "label",
     "age",
@@ -636,6 +584,9 @@ PER_SERIES_COLUMNS: tuple[str, ...] = (
     "thickness",
     "n_slices",
     "true_volume_ml",
+)
+PER_SERIES_COLUMNS: tuple[str, ...] = (
+    *CASE_COLUMNS,
     "probability",
     "volume_ml",
     "key_slice_hit",
@@ -658,17 +609,7 @@ def run_series(
     ``"_ablation"``: image only) on series 0..n_series-1."""
     per: dict[str, list] = {k: [] for k in PER_SERIES_COLUMNS}
     for case in iter_series(seed, stream, n_series, prevalence=prevalence, workers=workers):
-        for key in (
-            "index",
-            "label",
-            "age",
-            "sex",
-            "kind",
-            "isodense",
-            "thickness",
-            "n_slices",
-            "true_volume_ml",
-        ):
+        for key in CASE_COLUMNS:
             per[key].append(case[key])
         for suffix, model in models.items():
             meta = None if suffix == "_ablation" else case["metadata"]
@@ -784,7 +725,7 @@ def evaluate(
                 zip(
                     ("sensitivity", "specificity"),
                     map(
-                        _round,
+                        round4,
                         sensitivity_specificity(
                             rows["label"].astype(bool),
                             rows["probability_ablation"],
@@ -809,19 +750,6 @@ def write_predictions(path: Path, per: dict[str, list]) -> None:
         for row in zip(*(per[k] for k in keys), strict=True):
             writer.writerow([f"{v:.6f}" if isinstance(v, float) else v for v in row])
 
-
-def read_predictions(path: Path) -> dict[str, np.ndarray]:
-    """Read :func:`write_predictions` output back as arrays keyed by column."""
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    out: dict[str, np.ndarray] = {}
-    for key in rows[0]:
-        values = [r[key] for r in rows]
-        try:
-            out[key] = np.asarray(values, dtype=np.float64)
-        except ValueError:
-            out[key] = np.asarray(values)
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from inference.training import evaluate_head_ct as ev
+from inference.training.metrics import auroc, youden_threshold
 
 MODEL_ID = "head-ct-haemorrhage"
 DEFAULT_SEED = 20261202
@@ -608,16 +609,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     p_val = predict_set(model, val, with_metadata=True)
     p_val_abl = predict_set(ablation, val, with_metadata=False)
-    threshold = ev.youden_threshold(val.label, p_val)
-    abl_threshold = ev.youden_threshold(val.label, p_val_abl)
+    threshold = youden_threshold(val.label, p_val)
+    abl_threshold = youden_threshold(val.label, p_val_abl)
     vs = validation_series({"": model, "_ablation": ablation}, args.seed, args.validation_series)
-    series_threshold = ev.youden_threshold(vs["label"], vs["probability"])
-    abl_series_threshold = ev.youden_threshold(vs["label"], vs["probability_ablation"])
+    series_threshold = youden_threshold(vs["label"], vs["probability"])
+    abl_series_threshold = youden_threshold(vs["label"], vs["probability_ablation"])
     print(
-        f"validation: slice AUROC {ev.auroc(val.label, p_val):.3f} "
-        f"(image only {ev.auroc(val.label, p_val_abl):.3f}); series AUROC "
-        f"{ev.auroc(vs['label'], vs['probability']):.3f} "
-        f"(image only {ev.auroc(vs['label'], vs['probability_ablation']):.3f})",
+        f"validation: slice AUROC {auroc(val.label, p_val):.3f} "
+        f"(image only {auroc(val.label, p_val_abl):.3f}); series AUROC "
+        f"{auroc(vs['label'], vs['probability']):.3f} "
+        f"(image only {auroc(vs['label'], vs['probability_ablation']):.3f})",
         flush=True,
     )
 
@@ -684,13 +685,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     validation = {
         "n_slices": len(val),
         "slice_auroc": {
-            "model": round(ev.auroc(val.label, p_val), 4),
-            "image_only_ablation": round(ev.auroc(val.label, p_val_abl), 4),
+            "model": round(auroc(val.label, p_val), 4),
+            "image_only_ablation": round(auroc(val.label, p_val_abl), 4),
         },
         "n_series": int(len(vs["label"])),
         "series_auroc": {
-            "model": round(ev.auroc(vs["label"], vs["probability"]), 4),
-            "image_only_ablation": round(ev.auroc(vs["label"], vs["probability_ablation"]), 4),
+            "model": round(auroc(vs["label"], vs["probability"]), 4),
+            "image_only_ablation": round(auroc(vs["label"], vs["probability_ablation"]), 4),
         },
     }
     card = write_card(

@@ -38,13 +38,15 @@ from inference.training.evaluate import (
     STREAM_TRAIN,
     STREAM_VALIDATION,
     DataSet,
-    auroc,
     evaluate,
     paired_bootstrap_auroc_difference,
-    read_predictions,
-    sensitivity_specificity,
     synthesize,
     training_spec,
+)
+from inference.training.metrics import (
+    auroc,
+    read_predictions,
+    sensitivity_specificity,
     youden_threshold,
 )
 

@@ -41,7 +41,7 @@ def card() -> dict:
 
 @pytest.fixture(scope="module")
 def stored() -> dict[str, np.ndarray]:
-    from inference.training.evaluate_head_ct import read_predictions
+    from inference.training.metrics import read_predictions
 
     return read_predictions(MODEL_DIR / "held_out_series.csv")
 
@@ -86,10 +86,10 @@ def test_shipped_weights_reproduce_the_first_held_out_series(
 ) -> None:
     from inference.training.evaluate_head_ct import (
         STREAM_HELD_OUT,
-        auroc,
         load_models,
         run_series,
     )
+    from inference.training.metrics import auroc
 
     seed = card["metrics"]["held_out"]["seed"]
     per = run_series(load_models(MODEL_DIR), seed, STREAM_HELD_OUT, N_RECHECK, workers=2)
