@@ -21,6 +21,7 @@ Orthanc the same instance ID) instead of a duplicate.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Sequence
 
 import highdicom as hd
@@ -32,6 +33,24 @@ from pydicom.sr.codedict import codes
 from .card import Code, ModelCard
 from .postprocess import Finding
 from .uids import derived_uid
+
+
+def _memoise_iod_pixel_check() -> None:
+    """Cache highdicom's "does this SOP class have pixel data" answer per SOP class.
+
+    The Image Library (TID 1600) asks it for every image, and each answer
+    scans the standard's module tables: 12 % of a worker's time in a profile
+    of 200 radiographs. The answer depends on the SOP Class UID alone, so a
+    cache changes nothing but the time.
+    """
+    import highdicom.sr.templates as templates
+
+    check = getattr(templates, "does_iod_have_pixel_data", None)
+    if check is not None and not hasattr(check, "cache_info"):
+        templates.does_iod_have_pixel_data = functools.lru_cache(maxsize=256)(check)
+
+
+_memoise_iod_pixel_check()
 
 MANUFACTURER = "orthanc-ai"
 SR_SERIES_NUMBER = 9901

@@ -41,6 +41,10 @@ class AIConfig:
     model_server_url: str = ""  # http backend; empty: the plugin starts our own server
     changes_poll_seconds: float = 1.0
     worker_nice: int = 10  # 0-19: how much our threads yield the CPU to Orthanc's
+    # While instances arrive in a burst (2+ within IngestQuietMs), workers wait
+    # for a quiet moment, but never longer than IngestMaxDeferMs per batch.
+    ingest_quiet_ms: float = 300.0
+    ingest_max_defer_ms: float = 5000.0
     # AI.Routing: {"ExcludeByDefault": bool, "Rules": [...]}; None = card defaults
     routing_rules: tuple[Rule, ...] | None = None
     exclude_by_default: bool = True
@@ -70,6 +74,8 @@ _KEYS = {
     "ModelServerUrl": "model_server_url",
     "ChangesPollSeconds": "changes_poll_seconds",
     "WorkerNice": "worker_nice",
+    "IngestQuietMs": "ingest_quiet_ms",
+    "IngestMaxDeferMs": "ingest_max_defer_ms",
     "Routing": "routing_rules",
 }
 _SPECIAL = {"routing_rules", "exclude_by_default"}

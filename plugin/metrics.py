@@ -45,6 +45,11 @@ class Metrics:
             "orthanc_ai_jobs_finished", "Jobs that reached a state", ["state"],
             registry=self.registry,
         )
+        self.deferred_seconds = Counter(
+            "orthanc_ai_ingest_deferred_seconds",
+            "Time workers waited for a burst of incoming instances to pass",
+            registry=self.registry,
+        )
         self.end_to_end = Histogram(
             "orthanc_ai_end_to_end_seconds",
             "From the instance being queued to its SR stored",

@@ -14,6 +14,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -114,12 +115,14 @@ class Service:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._ready = threading.Event()
+        self._arrivals: deque[float] = deque(maxlen=2)  # monotonic times of the last stores
         self.metrics = Metrics(store.counts, lambda: self._inbox.qsize() + store.inbox_size())
         self.clock: Callable[[], float] = time.time
 
     # -- called from Orthanc callbacks: must be quick and never raise -------
 
     def enqueue(self, instance_id: str) -> None:
+        self._arrivals.append(time.monotonic())
         self._inbox.put(("instance", instance_id, time.time()))
 
     def enqueue_series(self, series_id: str) -> None:
@@ -215,11 +218,34 @@ class Service:
 
     # -- worker loop -------------------------------------------------------------
 
+    def in_ingest_burst(self) -> bool:
+        """Two or more instances stored within the last IngestQuietMs."""
+        quiet = self.config.ingest_quiet_ms / 1000.0
+        arrivals = tuple(self._arrivals)
+        return len(arrivals) == 2 and time.monotonic() - arrivals[0] < quiet
+
+    def _yield_to_ingest(self) -> None:
+        """Let a modality's burst of C-STOREs pass before taking CPU, GIL and index locks.
+
+        A single image (the latency case) is not held back; a burst defers
+        the next batch until the sender pauses, at most IngestMaxDeferMs, so
+        analysis still progresses under endless ingest.
+        """
+        if self.config.ingest_quiet_ms <= 0:
+            return
+        deadline = time.monotonic() + self.config.ingest_max_defer_ms / 1000.0
+        step = min(0.05, self.config.ingest_quiet_ms / 4000.0)
+        while (self.in_ingest_burst() and time.monotonic() < deadline
+               and not self._stop.is_set()):
+            self.metrics.deferred_seconds.inc(step)
+            self._stop.wait(step)
+
     def _loop(self) -> None:
         self._lower_priority()
         self._ready.wait()
         while not self._stop.is_set():
             try:
+                self._yield_to_ingest()
                 job = self.store.claim_next()
                 if job is not None:
                     self.run_job(job)

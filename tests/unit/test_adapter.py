@@ -83,3 +83,27 @@ def test_stable_series_is_queued_for_series_models(load_adapter, tmp_path):
     stub, adapter = load_adapter({"ModelsDirectory": str(tmp_path)})
     stub.change_callbacks[0](stub.ChangeType.STABLE_SERIES, 0, "series-1")
     assert adapter._service._inbox.get_nowait()[:2] == ("series", "series-1")
+
+
+def test_workers_yield_to_a_burst_of_stores_but_not_to_one_image(load_adapter, tmp_path):
+    import time
+
+    _, adapter = load_adapter({"ModelsDirectory": str(tmp_path), "IngestQuietMs": 200,
+                               "IngestMaxDeferMs": 400})
+    service = adapter._service
+
+    def timed_yield() -> float:
+        t0 = time.monotonic()
+        service._yield_to_ingest()
+        return time.monotonic() - t0
+
+    service.enqueue("instance-1")
+    assert not service.in_ingest_burst()
+    assert timed_yield() < 0.05  # a single image is analysed at once
+    service.enqueue("instance-2")
+    assert service.in_ingest_burst()
+    assert 0.1 < timed_yield() < 0.35  # until 200 ms after the burst's first store
+    assert not service.in_ingest_burst()
+    # Endless ingest (stores always "just now"): the wait is capped.
+    service._arrivals.extend([time.monotonic() + 60, time.monotonic() + 60])
+    assert 0.35 < timed_yield() < 0.8

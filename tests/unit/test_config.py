@@ -25,6 +25,7 @@ def test_values_are_parsed_and_paths_resolved():
         ({"Enabled": "yes"}, "AI.Enabled"),
         ({"ModelsDirectory": ""}, "AI.ModelsDirectory"),
         ({"MaxPixelBytes": -1}, "AI.MaxPixelBytes"),
+        ({"IngestQuietMs": -5}, "AI.IngestQuietMs"),
         ([], "JSON object"),
     ],
 )

@@ -106,3 +106,14 @@ def test_highdicom_reads_it_back_as_a_measurement_report(card, source, tmp_path)
     assert len(groups) == 1
     assert groups[0].finding_type.value == "72704001"
     assert groups[0].reference_type.value == "111030"  # Image Region
+
+
+def test_cached_iod_pixel_check_answers_like_highdicom():
+    import highdicom._standard_utils as standard
+    import highdicom.sr.templates as templates
+
+    assert hasattr(templates.does_iod_have_pixel_data, "cache_info")
+    for sop_class in ("1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.2",
+                      "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.7"):
+        assert templates.does_iod_have_pixel_data(sop_class) == \
+            standard.does_iod_have_pixel_data(sop_class)
