@@ -98,6 +98,18 @@ def settle(server: OrthancAI, n_jobs: int, timeout: float = 3600, poll: float = 
     raise TimeoutError("jobs did not settle")
 
 
+def wait_for_srs(server: OrthancAI, n_sources: int, poll: float = 0.5,
+                 timeout: float = 3600) -> None:
+    """Until Orthanc holds an SR for each of `n_sources` images (its own counter:
+    polling /ai/jobs would take the GIL from the workers being measured)."""
+    deadline = time.time() + timeout
+    while server.get("/statistics")["CountInstances"] < 2 * n_sources:
+        if time.time() > deadline:
+            raise TimeoutError(f"fewer than {n_sources} SRs after {timeout} s")
+        time.sleep(poll)
+    settle(server, n_sources)
+
+
 def bench_ingest(work: Path, files: list[Path], extra: dict, repeats: int = 3) -> dict[str, float]:
     """storescu throughput with the plugin off and on, alternated; medians of `repeats`.
 
@@ -163,13 +175,9 @@ def bench_pipeline(work: Path, files: list[Path], extra: dict,
     card = ModelCard.from_folder(Path(extra["ModelsDirectory"]) / MODEL_ID)
     server.start()
     try:
-        # Progress is read from Orthanc's own counters, not from /ai/jobs: a
-        # Python route would take the GIL from the workers being measured.
         t0 = time.perf_counter()
-        while server.get("/statistics")["CountInstances"] < 2 * len(files):
-            time.sleep(0.05)
+        wait_for_srs(server, len(files), poll=0.05)
         total = time.perf_counter() - t0
-        settle(server, len(files))
         stages = stage_means(server)
         # Latency, one image at a time on an idle system: C-STORE done -> SR in
         # Orthanc (its SOP Instance UID is known in advance). The pause keeps
@@ -187,7 +195,10 @@ def bench_pipeline(work: Path, files: list[Path], extra: dict,
             subprocess.run([STORESCU, "-aec", "ORTHANC", "127.0.0.1", str(server.dicom_port),
                             str(single)], check=True, capture_output=True)
             t_stored = time.perf_counter()
+            deadline = time.time() + 120
             while server.lookup(sr_uid) is None:
+                if time.time() > deadline:
+                    raise TimeoutError(f"no SR for latency image {k} in 120 s")
                 time.sleep(0.002)
             if k:
                 latencies.append(time.perf_counter() - t_stored)
@@ -223,10 +234,10 @@ def bench_memory(work: Path, small: int, large: int, extra: dict) -> dict[str, f
             wait_ready=name == "on")
         try:
             rss = []
-            for batch in (files[:small], files[small:]):
+            for done, batch in ((small, files[:small]), (large, files[small:])):
                 server.storescu(batch)
                 if name == "on":
-                    settle(server, small if batch is files[:small] else large)
+                    wait_for_srs(server, done)
                 rss.append(rss_kib(orthanc_pid(server)))
         finally:
             server.stop()

@@ -49,6 +49,7 @@ class Registry:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "models": [card.summary() for card in self.cards.values()],
-            "errors": [{"folder": k, "error": v} for k, v in self.errors.items()],
+            # Copies: the loader thread may disable a model meanwhile.
+            "models": [card.summary() for card in list(self.cards.values())],
+            "errors": [{"folder": k, "error": v} for k, v in list(self.errors.items())],
         }

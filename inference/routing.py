@@ -27,7 +27,7 @@ SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 _RECONSTRUCTED = {"MPR", "MIP", "MINIP", "REFORMATTED", "VOLUME_RENDER", "CURVED",
                   "PROJECTION IMAGE", "SUBTRACTION"}
 _LOCALIZER_WORDS = re.compile(
-    r"\b(scout|localizer|localiser|topogram|surview|scanogram|dose\s*(report|info)?|"
+    r"\b(scout|localizer|localiser|topogram|surview|scanogram|dose\s*(report|info)|"
     r"patient\s*protocol)\b",
     re.I,
 )
@@ -179,8 +179,9 @@ def default_exclusion(ds: Dataset) -> str | None:
         return f"derived image (ImageType {shown})"
     for keyword in ("SeriesDescription", "ProtocolName"):
         value = str(ds.get(keyword, "") or "")
-        if _LOCALIZER_WORDS.search(value):
-            return f"localizer or dose page ({keyword} {value!r})"
+        match = _LOCALIZER_WORDS.search(value)
+        if match:  # the matched word only: descriptions are free text
+            return f"localizer or dose page ({keyword} says {match.group(0)!r})"
     return None
 
 

@@ -155,6 +155,11 @@ def parse_ai_section(section: Any) -> AIConfig:
     config = AIConfig(**values)
     if config.workers < 1:
         raise ConfigError("AI.Workers must be at least 1")
+    for key, value in (("BatchSize", config.batch_size),
+                       ("HttpTimeoutSeconds", config.http_timeout_seconds),
+                       ("ChangesPollSeconds", config.changes_poll_seconds)):
+        if value <= 0:
+            raise ConfigError(f"AI.{key} must be greater than 0")
     if config.max_attempts < 1:
         raise ConfigError("AI.MaxAttempts must be at least 1")
     if config.worker_nice > 19:

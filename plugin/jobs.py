@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 STATES = ("queued", "running", "done", "skipped", "failed", "dead")
 FINAL_STATES = ("done", "skipped", "dead")
@@ -50,12 +50,14 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, not_before);
 CREATE INDEX IF NOT EXISTS jobs_instance ON jobs(instance);
 CREATE INDEX IF NOT EXISTS jobs_study ON jobs(study);
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
--- Instances and series seen in Orthanc's change log, not yet triaged.
+-- Instances and series seen in Orthanc's change log, not yet triaged. A row
+-- is deleted only once its triage is over ("taken": when a worker took it).
 CREATE TABLE IF NOT EXISTS inbox (
     kind TEXT NOT NULL,
     resource TEXT NOT NULL,
     seq INTEGER NOT NULL,
     received REAL NOT NULL,
+    taken REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (kind, resource)
 );
 """
@@ -97,6 +99,18 @@ class Job:
         }
 
 
+INBOX_RETAKE_SECONDS = 30.0
+
+
+class InboxItem(NamedTuple):
+    """An instance or series to triage; ``row`` is its durable inbox row, if any."""
+
+    kind: str  # "instance", "series" or "reprocess"
+    resource: str  # Orthanc ID
+    queued_at: float
+    row: int | None = None
+
+
 def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
@@ -128,7 +142,8 @@ class JobStore(Protocol):
     def list(self, **filters: Any) -> list[Job]: ...
     def counts(self) -> dict[str, int]: ...
     def add_to_inbox(self, items: list[tuple[str, str, int]], cursor: int) -> None: ...
-    def take_from_inbox(self) -> tuple[str, str, float] | None: ...
+    def take_from_inbox(self) -> InboxItem | None: ...
+    def ack_inbox(self, row: int) -> None: ...
     def inbox_size(self) -> int: ...
     def forget_instance_outcomes(self, instance: str) -> int: ...
     def get_value(self, key: str) -> str | None: ...
@@ -141,7 +156,11 @@ class SqliteJobStore:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._conn().executescript(_SCHEMA)  # executescript manages its own transaction
+        conn = self._conn()
+        conn.executescript(_SCHEMA)  # executescript manages its own transaction
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(inbox)")}
+        if "taken" not in columns:  # a queue written by an earlier version
+            conn.execute("ALTER TABLE inbox ADD COLUMN taken REAL NOT NULL DEFAULT 0")
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -186,8 +205,12 @@ class SqliteJobStore:
     # -- writing -------------------------------------------------------------
 
     def recover(self) -> int:
-        """Jobs left ``running`` by a process that died go back to the queue."""
+        """Jobs left ``running`` by a process that died go back to the queue.
+
+        Inbox rows taken but not triaged are available again too.
+        """
         with self._tx() as db:
+            db.execute("UPDATE inbox SET taken=0 WHERE taken > 0")
             cur = db.execute(
                 "UPDATE jobs SET state='queued', updated=? WHERE state='running'", (time.time(),)
             )
@@ -333,13 +356,25 @@ class SqliteJobStore:
                 (str(cursor),),
             )
 
-    def take_from_inbox(self) -> tuple[str, str, float] | None:
+    def take_from_inbox(self) -> InboxItem | None:
+        """The oldest change not yet triaged, kept until :meth:`ack_inbox`.
+
+        A row taken more than ``INBOX_RETAKE_SECONDS`` ago without an ack (its
+        triage met a transient error) can be taken again.
+        """
+        now = time.time()
         with self._tx() as db:
             row = db.execute(
-                "DELETE FROM inbox WHERE rowid = (SELECT rowid FROM inbox ORDER BY seq LIMIT 1)"
-                " RETURNING kind, resource, received"
+                "UPDATE inbox SET taken=? WHERE rowid = (SELECT rowid FROM inbox"
+                " WHERE taken < ? ORDER BY seq LIMIT 1)"
+                " RETURNING rowid, kind, resource, received",
+                (now, now - INBOX_RETAKE_SECONDS),
             ).fetchone()
-        return (row[0], row[1], row[2]) if row else None
+        return InboxItem(row[1], row[2], row[3], row[0]) if row else None
+
+    def ack_inbox(self, row: int) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM inbox WHERE rowid=?", (row,))
 
     def inbox_size(self) -> int:
         return self._conn().execute("SELECT COUNT(*) FROM inbox").fetchone()[0]

@@ -97,6 +97,11 @@ def triage_series(service: Service, series_id: str) -> None:
     except JobOutcome as exc:
         outcome(exc, f"{len(instances)} instances")
         return
+    except Exception as exc:  # an unreadable first slice, an odd index entry
+        log.exception("orthanc-ai: series %s cannot be triaged", series_id)
+        outcome(BadInput(f"the series cannot be read: {type(exc).__name__}"),
+                f"{len(instances)} instances")
+        return
     prefix = f"series:{series_id}@{ordered.fingerprint}|"
     if any(j.key.startswith(prefix) for j in service.store.list(series=series_id)):
         return  # this set of slices was already seen (a replayed change)

@@ -14,7 +14,7 @@ import os
 import queue
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,7 +36,7 @@ from inference.report import MANUFACTURER, build_sr
 from inference.routing import Router
 
 from .config import AIConfig
-from .jobs import Job, JobStore
+from .jobs import InboxItem, Job, JobStore
 from .metrics import Metrics
 from .orthanc_http import InstanceGone, OrthancClient
 from .series import analyse_series, triage_series
@@ -110,24 +110,30 @@ class Service:
         self.client = client
         self.registry = registry
         self.backend = backend
-        # ("instance" | "series", Orthanc ID, time queued)
-        self._inbox: queue.Queue[tuple[str, str, float]] = queue.Queue()
+        # The callbacks' fast path; the change log's durable inbox backs it up.
+        self._inbox: queue.Queue[InboxItem] = queue.Queue()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._ready = threading.Event()
         self._arrivals: deque[float] = deque(maxlen=2)  # monotonic times of the last stores
-        self.metrics = Metrics(store.counts, lambda: self._inbox.qsize() + store.inbox_size())
+        self._own_stores = 0  # SRs being stored by our workers (not an ingest burst)
+        self._own_lock = threading.Lock()
+        self._series_info: OrderedDict[str, tuple[str, str]] = OrderedDict()  # study, modality
+        # Both inboxes usually hold the same instances: the larger is the depth.
+        self.metrics = Metrics(store.counts,
+                               lambda: max(self._inbox.qsize(), store.inbox_size()))
         self.clock: Callable[[], float] = time.time
 
     # -- called from Orthanc callbacks: must be quick and never raise -------
 
     def enqueue(self, instance_id: str) -> None:
-        self._arrivals.append(time.monotonic())
-        self._inbox.put(("instance", instance_id, time.time()))
+        if not self._own_stores:
+            self._arrivals.append(time.monotonic())
+        self._inbox.put(InboxItem("instance", instance_id, time.time()))
 
     def enqueue_series(self, series_id: str) -> None:
         """A series became stable (Orthanc's StableAge passed without new instances)."""
-        self._inbox.put(("series", series_id, time.time()))
+        self._inbox.put(InboxItem("series", series_id, time.time()))
 
     # -- life cycle ------------------------------------------------------------
 
@@ -255,23 +261,46 @@ class Service:
                     continue
                 # Gather what is waiting (up to BatchSize, waiting at most BatchWaitMs)
                 # so that images for the same model share one model call.
-                pending: list[tuple[Job, Stored]] = []
+                pending: list[tuple[Job, Stored | None]] = []
                 deadline = time.monotonic() + self.config.batch_wait_ms / 1000.0
-                while item is not None:
-                    kind, resource, queued_at = item
-                    if kind == "series":
-                        triage_series(self, resource)
-                    else:
-                        pending += self.triage(resource, queued_at, force=kind == "reprocess")
-                    if len(pending) >= self.config.batch_size:
-                        break
-                    item = self._next_item(max(0.0, deadline - time.monotonic()))
-                self.run_instance_jobs(pending)
+                try:
+                    while item is not None:
+                        pending += self._triage_item(item)
+                        if len(pending) >= self.config.batch_size:
+                            break
+                        item = self._next_item(max(0.0, deadline - time.monotonic()))
+                finally:
+                    self.run_instance_jobs(pending)  # claimed jobs never stay "running"
             except Exception:  # the loop itself must survive anything
                 log.exception("orthanc-ai: worker error")
                 time.sleep(1.0)
 
-    def _next_item(self, timeout: float) -> tuple[str, str, float] | None:
+    def _triage_item(self, item: InboxItem) -> list[tuple[Job, Stored | None]]:
+        """Triage one inbox item; its durable row goes once triage is over.
+
+        On a transient error (Orthanc busy or restarting) the durable row
+        stays and is taken again later; a stored-instance event is dropped,
+        as its change-log twin will come; other events (series, reprocess
+        requests) are kept in memory and tried again.
+        """
+        pending: list[tuple[Job, Stored | None]] = []
+        try:
+            if item.kind == "series":
+                triage_series(self, item.resource)
+            else:
+                pending = list(self.triage(item.resource, item.queued_at,
+                                           force=item.kind == "reprocess"))
+        except TransientError as exc:
+            log.warning("orthanc-ai: triage postponed: %s", exc.reason)
+            if item.row is None and item.kind != "instance":
+                self._stop.wait(1.0)
+                self._inbox.put(item)
+            return pending
+        if item.row is not None:
+            self.store.ack_inbox(item.row)
+        return pending
+
+    def _next_item(self, timeout: float) -> InboxItem | None:
         """Next instance or series: the callback's fast path first, then the change log's."""
         try:
             return self._inbox.get_nowait()
@@ -292,12 +321,23 @@ class Service:
         self.metrics.stage_seconds.labels(name).observe(time.perf_counter() - t0)
 
     def _locate(self, instance_id: str) -> tuple[dict[str, Any], str, str, str]:
-        """Orthanc's record of an instance, its study and series IDs, and Modality."""
+        """Orthanc's record of an instance, its study and series IDs, and Modality.
+
+        A series' study and Modality never change: they are kept for the last
+        few hundred series, as ``/series/{id}`` lists every instance (a
+        1,000-slice CT would otherwise cost 1,000 such lists).
+        """
         info = self.client.instance(instance_id)
         series_id = info["ParentSeries"]
-        series = self.client.get_json(f"/series/{series_id}")
-        modality = str(series.get("MainDicomTags", {}).get("Modality", ""))
-        return info, series["ParentStudy"], series_id, modality
+        known = self._series_info.get(series_id)
+        if known is None:
+            series = self.client.get_json(f"/series/{series_id}")
+            known = (series["ParentStudy"],
+                     str(series.get("MainDicomTags", {}).get("Modality", "")))
+            self._series_info[series_id] = known
+            while len(self._series_info) > 512:
+                self._series_info.popitem(last=False)
+        return info, known[0], series_id, known[1]
 
     def _fetch(
         self, instance_id: str, queued_at: float, located: tuple | None = None
@@ -312,7 +352,6 @@ class Service:
                     f"{self.config.max_instance_bytes / 2**20:.0f} MiB cap (MaxInstanceBytes)"
                 )
             data = self.client.instance_file(instance_id)
-        with self._stage("decode"):
             try:
                 ds = pydicom.dcmread(io.BytesIO(data))
             except (InvalidDicomError, EOFError, ValueError, OSError, KeyError) as exc:
@@ -335,14 +374,14 @@ class Service:
             for job in self.store.for_instance(instance["ID"]):
                 if job.state in ("failed", "dead") and self.store.requeue(job.id):
                     requeued += 1
-            self._inbox.put(("reprocess", instance["ID"], time.time()))
+            self._inbox.put(InboxItem("reprocess", instance["ID"], time.time()))
         series = {i["ParentSeries"] for i in instances}
         for job in self.store.list(study=study_id, state="failed") + self.store.list(
                 study=study_id, state="dead"):
             if not job.instance and self.store.requeue(job.id):
                 requeued += 1
         for series_id in series:
-            self._inbox.put(("series", series_id, time.time()))
+            self._inbox.put(InboxItem("series", series_id, time.time()))
         return {"instances": len(instances), "series": len(series), "requeued": requeued}
 
     def triage(self, instance_id: str, queued_at: float | None = None,
@@ -357,11 +396,8 @@ class Service:
             return []  # seen before (resend, replayed change): handled or in progress
         try:
             return self._triage(instance_id, queued_at)
-        except TransientError as exc:
-            # Orthanc itself is unreachable or overloaded: try again shortly.
-            log.warning("orthanc-ai: triage of an instance postponed: %s", exc.reason)
-            self._stop.wait(1.0)
-            self._inbox.put(("instance", instance_id, queued_at))
+        except TransientError:
+            raise  # Orthanc unreachable or overloaded: the inbox keeps the item
         except Exception as exc:
             log.exception("orthanc-ai: triage failed")
             self.store.add(instance_id, study=None, series=None, state="failed",
@@ -415,6 +451,8 @@ class Service:
             return False
         try:
             tags = self.client.get_json(f"/instances/{instance_id}/simplified-tags")
+        except TransientError:
+            raise
         except JobOutcome:
             return False
         return tags.get("Manufacturer") == MANUFACTURER
@@ -425,10 +463,9 @@ class Service:
         if not job.model:
             # An outcome decided before routing, retried by an operator: decide again.
             self.store.delete(job.id)
-            if job.instance:
-                self.run_instance_jobs(self.triage(job.instance, force=True))
-            elif job.series:
-                triage_series(self, job.series)
+            item = InboxItem("reprocess" if job.instance else "series",
+                             job.instance or job.series or "", time.time())
+            self.run_instance_jobs(self._triage_item(item))
             return
         if job.instance:
             self.run_instance_jobs([(job, stored)])
@@ -495,6 +532,17 @@ class Service:
                                      missing=inputs.missing_inputs,
                                      notes=inputs.image.notes), stored.queued_at)
 
+    @contextmanager
+    def _own_store(self):
+        """Our SR's arrival at Orthanc is not a modality's burst."""
+        with self._own_lock:
+            self._own_stores += 1
+        try:
+            yield
+        finally:
+            with self._own_lock:
+                self._own_stores -= 1
+
     def _retry_or_give_up(self, job: Job, reason: str) -> None:
         if job.attempts >= self.config.max_attempts:
             self.store.finish(job.id, "dead",
@@ -526,7 +574,7 @@ class Service:
                           uids=uids, predecessor=predecessor)
             buffer = io.BytesIO()
             sr.save_as(buffer, enforce_file_format=True)
-        with self._stage("store"):
+        with self._stage("store"), self._own_store():
             answer = self.client.store(buffer.getvalue())
         if answer.get("ParentStudy") not in (None, study):
             raise BadInput("the SR was filed under another study than its source")

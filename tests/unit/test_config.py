@@ -26,6 +26,8 @@ def test_values_are_parsed_and_paths_resolved():
         ({"ModelsDirectory": ""}, "AI.ModelsDirectory"),
         ({"MaxPixelBytes": -1}, "AI.MaxPixelBytes"),
         ({"IngestQuietMs": -5}, "AI.IngestQuietMs"),
+        ({"BatchSize": 0}, "AI.BatchSize"),
+        ({"ChangesPollSeconds": 0}, "AI.ChangesPollSeconds"),
         ([], "JSON object"),
     ],
 )

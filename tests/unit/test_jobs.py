@@ -74,3 +74,26 @@ def test_list_filters_and_counts(store):
     assert store.counts()["skipped"] == 1 and store.counts()["queued"] == 1
     payload = store.list(state="skipped")[0].as_json()
     assert {"id", "state", "model", "study", "series", "attempts", "reason"} <= set(payload)
+
+
+def test_inbox_rows_stay_until_acknowledged(store, monkeypatch, tmp_path):
+    import plugin.jobs as jobs
+
+    store.add_to_inbox([("instance", "i1", 5), ("series", "s1", 7)], cursor=7)
+    assert store.get_value("changes_cursor") == "7"
+    first = store.take_from_inbox()
+    assert (first.kind, first.resource) == ("instance", "i1")
+    second = store.take_from_inbox()
+    assert (second.kind, second.resource) == ("series", "s1")
+    assert store.take_from_inbox() is None  # both taken, neither acknowledged
+    store.ack_inbox(first.row)
+    assert store.inbox_size() == 1
+    # A crash before the ack: after recovery the row is there again.
+    reopened = SqliteJobStore(tmp_path / "jobs.sqlite")
+    reopened.recover()
+    again = reopened.take_from_inbox()
+    assert (again.kind, again.resource) == ("series", "s1")
+    # A triage that met a transient error: taken again after INBOX_RETAKE_SECONDS.
+    monkeypatch.setattr(jobs, "INBOX_RETAKE_SECONDS", 0.0)
+    time.sleep(0.01)
+    assert reopened.take_from_inbox().resource == "s1"

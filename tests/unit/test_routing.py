@@ -134,3 +134,8 @@ def test_routing_section_errors_name_the_key():
 def test_default_exclusion_keeps_ordinary_images():
     assert default_exclusion(image()) is None
     assert default_exclusion(image(ImageType=["DERIVED", "PRIMARY"])) is None  # processed DX
+
+
+def test_low_dose_series_are_not_mistaken_for_dose_reports(cards):
+    router = Router(default_rules(cards.values()), cards)
+    assert [c.id for c in router.route(image(SeriesDescription="Low dose, 2.5 mm"))] == ["xr"]
