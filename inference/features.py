@@ -140,7 +140,7 @@ def extract_metadata(ds: Dataset) -> Metadata:
         missing.append("sex")
     if spacing is None:
         missing.append("pixel_spacing")
-    if thickness is None and "SliceThickness" in ds:
+    if thickness is None:  # reported only to models that use it
         missing.append("slice_thickness")
     return Metadata(
         age_years=age,

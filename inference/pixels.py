@@ -163,6 +163,17 @@ def _fix_bits_stored(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     return unsigned.astype(np.int32)
 
 
+def padding_mask(stored: np.ndarray, ds: Dataset) -> np.ndarray:
+    """True where the stored value is padding: PixelPaddingValue, up to
+    PixelPaddingRangeLimit when present (outside the exposed area or the
+    reconstruction circle)."""
+    pad = ds.get("PixelPaddingValue")
+    if pad is None or isinstance(pad, bytes):
+        return np.zeros(stored.shape, dtype=bool)
+    lo, hi = sorted((int(pad), int(ds.get("PixelPaddingRangeLimit", pad))))
+    return (stored >= lo) & (stored <= hi)
+
+
 def to_presentation(stored: np.ndarray, ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
     """Modality LUT, VOI and photometric inversion.
 
@@ -175,12 +186,7 @@ def to_presentation(stored: np.ndarray, ds: Dataset) -> tuple[np.ndarray, np.nda
     display : float32 array in [0, 1], 1 = white (bone on a radiograph)
     valid : bool array, False on PixelPaddingValue (outside the exposed area)
     """
-    valid = np.ones(stored.shape, dtype=bool)
-    pad = ds.get("PixelPaddingValue")
-    if pad is not None and not isinstance(pad, bytes):
-        pad_hi = ds.get("PixelPaddingRangeLimit", pad)
-        lo, hi = sorted((int(pad), int(pad_hi)))
-        valid = ~((stored >= lo) & (stored <= hi))
+    valid = ~padding_mask(stored, ds)
     try:
         modality = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
     except Exception as exc:

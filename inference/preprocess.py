@@ -15,7 +15,7 @@ from PIL import Image
 from pydicom.dataset import Dataset
 
 from .features import FEATURE_NEEDS, Metadata, extract_metadata, feature_vector
-from .pixels import DEFAULT_MAX_PIXEL_BYTES, decode_frame, to_presentation
+from .pixels import DEFAULT_MAX_PIXEL_BYTES, decode_frame, padding_mask, to_presentation
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def fit_canvas(
         out_c = max(1, round(cols * spacing_mm[1] / target_mm))
     else:
         # Without a physical size, the whole image is fitted into the canvas
-        # keeping its aspect ratio. Documented in docs/preprocessing.md.
+        # keeping its aspect ratio. Documented in docs/inputs.md.
         k = max(rows / canvas[0], cols / canvas[1])
         out_r, out_c = max(1, round(rows / k)), max(1, round(cols / k))
         notes.append("pixel spacing missing: image scaled to fit the model input")
@@ -139,9 +139,7 @@ def prepare_ct_slice(
     meta = extract_metadata(ds)
     stored = decode_frame(ds, 0, max_pixel_bytes)
     hu = np.asarray(apply_modality_lut(stored, ds), np.float32)
-    pad = ds.get("PixelPaddingValue")
-    if pad is not None and not isinstance(pad, bytes):
-        hu[stored == int(pad)] = -1024.0  # outside the reconstruction circle: air
+    hu[padding_mask(stored, ds)] = -1024.0  # outside the reconstruction circle: air
     channels = hu_windows(hu, windows)
     planes = [fit_canvas(channels[..., i], meta.pixel_spacing_mm, target_mm, canvas)
               for i in range(len(windows))]

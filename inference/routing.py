@@ -261,4 +261,13 @@ class Router:
             if skips:
                 raise SkipInput(f"skipped by rule(s): {', '.join(skips)}")
             raise SkipInput("no rule matched")
+        # A greyscale image in a representation the card does not take (colour
+        # ones are refused with their own reason when the pixels are read).
+        photometric = str(ds.get("PhotometricInterpretation", "") or "").strip()
+        if photometric in ("MONOCHROME1", "MONOCHROME2"):
+            refused = [c for c in run if photometric not in c.accepts.photometric]
+            run = [c for c in run if c not in refused]
+            if not run:
+                raise SkipInput(f"{photometric} not accepted by model(s) "
+                                f"{', '.join(c.id for c in refused)}")
         return run

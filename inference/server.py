@@ -40,7 +40,6 @@ class ModelServer:
     def __init__(self, models: Path, threads: int = 0) -> None:
         self.registry = Registry.scan(models)
         self.backend = InProcessBackend(intra_op_threads=threads)
-        self.calls: dict[str, Any] = {}
         self._lock = threading.Lock()
         for card in list(self.registry.cards.values()):
             try:

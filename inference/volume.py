@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -113,12 +113,10 @@ class SeriesAccumulator:
     best_probability: float = -1.0
     best_index: int = -1
     best: object = None  # whatever the caller needs to report the key slice
-    probabilities: list[float] = field(default_factory=list)
 
     def add(self, index: int, probability: float, area_mm2: float, slab_mm: float,
             keep: object) -> None:
         self.n += 1
-        self.probabilities.append(probability)
         self.volume_mm3 += area_mm2 * slab_mm
         if probability > self.best_probability:
             self.best_probability, self.best_index, self.best = probability, index, keep

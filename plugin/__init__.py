@@ -1,4 +1,4 @@
 """Orthanc side of orthanc-ai: entry script, adapter, job queue, workers, REST routes.
 
-Only ``plugin/entry.py`` and ``plugin/adapter.py`` import ``orthanc``.
+Only ``plugin/adapter.py`` imports ``orthanc`` (``plugin/entry.py`` loads it).
 """

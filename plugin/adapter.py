@@ -47,6 +47,15 @@ class _OrthancLogHandler(logging.Handler):
             pass
 
 
+def _storage_directory(config: dict[str, Any]) -> Path:
+    """StorageDirectory as Orthanc reads it: relative to the configuration file."""
+    path = Path(config.get("StorageDirectory", "OrthancStorage"))
+    if not path.is_absolute():
+        base = Path(orthanc.GetConfigurationPath())
+        path = (base if base.is_dir() else base.parent) / path
+    return path.resolve()
+
+
 def _on_stored_instance(dicom: Any, instance_id: str) -> None:
     # Runs inside Orthanc's ingest path: enqueue and return, never raise.
     try:
@@ -107,7 +116,7 @@ def install() -> None:
     if not ai.enabled:
         log.warning("orthanc-ai: disabled by AI.Enabled = false")
         return
-    storage = Path(config.get("StorageDirectory", "OrthancStorage")).resolve()
+    storage = _storage_directory(config)
     store = SqliteJobStore(ai.queue_database or storage / "orthanc-ai" / "jobs.sqlite")
     scheme = "https" if config.get("SslEnabled") else "http"
     client = OrthancClient(

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 STATES = ("queued", "running", "done", "skipped", "failed", "dead")
-FINAL_STATES = ("done", "skipped", "dead")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (

@@ -8,8 +8,6 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-STAGES = ("fetch", "decode", "infer", "report", "store")
-
 
 class _StateCollector(Collector):
     def __init__(self, counts: Callable[[], dict[str, int]], inbox: Callable[[], int]) -> None:

@@ -154,9 +154,11 @@ class Service:
             self._threads.append(t)
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Signal every thread, then wait for them all within one `timeout`."""
         self._stop.set()
+        deadline = time.monotonic() + timeout
         for t in self._threads:
-            t.join(timeout)
+            t.join(max(0.0, deadline - time.monotonic()))
         self._threads = []
 
     def _lower_priority(self) -> None:

@@ -21,13 +21,15 @@ class _ChangeType:
 
 class StrictOrthanc(types.ModuleType):
     ALLOWED = {
-        "ChangeType", "GetConfiguration", "GenerateRestApiAuthorizationToken",
+        "ChangeType", "GetConfiguration", "GetConfigurationPath",
+        "GenerateRestApiAuthorizationToken",
         "RegisterOnStoredInstanceCallback", "RegisterOnChangeCallback",
         "RegisterRestCallback", "LogInfo", "LogWarning", "LogError",
     }
 
-    def __init__(self, configuration: dict[str, Any]) -> None:
+    def __init__(self, configuration: dict[str, Any], path: str = "/etc/orthanc") -> None:
         super().__init__("orthanc")
+        self._configuration_path = path
         self.ChangeType = _ChangeType
         self._configuration = configuration
         self.stored_callbacks: list = []
@@ -40,6 +42,9 @@ class StrictOrthanc(types.ModuleType):
 
     def GetConfiguration(self) -> str:  # noqa: N802 (the SDK's names)
         return json.dumps(self._configuration)
+
+    def GetConfigurationPath(self) -> str:  # noqa: N802
+        return self._configuration_path
 
     def GenerateRestApiAuthorizationToken(self) -> str:  # noqa: N802
         return "Bearer test-token"

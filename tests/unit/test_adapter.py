@@ -107,3 +107,15 @@ def test_workers_yield_to_a_burst_of_stores_but_not_to_one_image(load_adapter, t
     # Endless ingest (stores always "just now"): the wait is capped.
     service._arrivals.extend([time.monotonic() + 60, time.monotonic() + 60])
     assert 0.35 < timed_yield() < 0.8
+
+
+def test_relative_storage_directory_is_read_like_orthanc(tmp_path, monkeypatch):
+    # Orthanc reads a relative StorageDirectory from the configuration file's folder.
+    (tmp_path / "etc").mkdir()
+    stub = StrictOrthanc({"StorageDirectory": "db", "HttpPort": 1,
+                          "AI": {"ModelsDirectory": str(tmp_path)}},
+                         path=str(tmp_path / "etc" / "orthanc.json"))
+    monkeypatch.setitem(sys.modules, "orthanc", stub)
+    monkeypatch.delitem(sys.modules, "plugin.adapter", raising=False)
+    importlib.import_module("plugin.adapter").install()
+    assert (tmp_path / "etc" / "db" / "orthanc-ai" / "jobs.sqlite").exists()

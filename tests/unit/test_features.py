@@ -44,7 +44,7 @@ def test_spacing_precedence_and_magnification():
 
 def test_missing_metadata_is_explicit():
     m = extract_metadata(_ds(Modality="DX", PatientSex="O"))
-    assert m.missing == ("age", "sex", "pixel_spacing")
+    assert m.missing == ("age", "sex", "pixel_spacing", "slice_thickness")
     names = ("age_years", "age_known", "sex_male", "sex_female")
     assert feature_vector(m, names) == [0.0, 0.0, 0.0, 0.0]
     m = extract_metadata(_ds(Modality="DX", PatientSex="F", PatientAge="070Y"))

@@ -15,12 +15,14 @@ from tests.factories import card_json, write_card
 @pytest.fixture(scope="module")
 def cards(tmp_path_factory):
     out = {}
-    for model_id, modalities, parts in (("xr", ["DX", "CR"], ["FOREARM", "LEG"]),
-                                        ("ct", ["CT"], [])):
+    for model_id, modalities, parts, photometric in (
+            ("xr", ["DX", "CR"], ["FOREARM", "LEG"], ["MONOCHROME1", "MONOCHROME2"]),
+            ("ct", ["CT"], [], ["MONOCHROME2"])):
         folder: Path = tmp_path_factory.mktemp(model_id)
         (folder / "model.keras").write_bytes(b"")
         write_card(folder, card_json(id=model_id, accepts={
-            "level": "instance", "modalities": modalities, "body_parts": parts}))
+            "level": "instance", "modalities": modalities, "body_parts": parts,
+            "photometric": photometric}))
         out[model_id] = ModelCard.from_folder(folder)
     return out
 
@@ -139,3 +141,11 @@ def test_default_exclusion_keeps_ordinary_images():
 def test_low_dose_series_are_not_mistaken_for_dose_reports(cards):
     router = Router(default_rules(cards.values()), cards)
     assert [c.id for c in router.route(image(SeriesDescription="Low dose, 2.5 mm"))] == ["xr"]
+
+
+def test_a_greyscale_representation_the_card_refuses_is_skipped(cards):
+    router = Router(default_rules(cards.values()), cards)
+    assert router.route(image(PhotometricInterpretation="MONOCHROME1"))  # xr takes both
+    with pytest.raises(SkipInput, match="MONOCHROME1 not accepted by model.*ct"):
+        router.route(image(Modality="CT", BodyPartExamined="HEAD",
+                           PhotometricInterpretation="MONOCHROME1"))
