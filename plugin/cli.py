@@ -84,11 +84,6 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     # glibc gives each thread its own malloc arena; with Orthanc's many threads
     # and ours, freed memory stays mapped and the resident size creeps up.
     env.setdefault("MALLOC_ARENA_MAX", "2")
-    # Images are decoded into buffers of megabytes. glibc raises its mmap
-    # threshold after each such free (up to 32 MiB), so later ones come from
-    # the heap and fragment it; a fixed 1 MiB threshold keeps them mmap'ed
-    # and returned to the system when freed.
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
     return [ORTHANC, str(path)], env
 
 
