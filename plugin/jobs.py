@@ -141,6 +141,7 @@ class JobStore(Protocol):
     def list(self, **filters: Any) -> list[Job]: ...
     def counts(self) -> dict[str, int]: ...
     def add_to_inbox(self, items: list[tuple[str, str, int]], cursor: int) -> None: ...
+    def push_inbox(self, items: list[tuple[str, str]]) -> None: ...
     def take_from_inbox(self) -> InboxItem | None: ...
     def ack_inbox(self, row: int) -> None: ...
     def inbox_size(self) -> int: ...
@@ -353,6 +354,17 @@ class SqliteJobStore:
                 "INSERT INTO kv (key, value) VALUES ('changes_cursor', ?)"
                 " ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                 (str(cursor),),
+            )
+
+    def push_inbox(self, items: list[tuple[str, str]]) -> None:
+        """Queue (kind, resource) items durably ahead of the change log's, e.g. a
+        reprocess request: it survives a stop before its triage."""
+        now = time.time()
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO inbox (kind, resource, seq, received, taken) VALUES (?, ?, 0, ?, 0)"
+                " ON CONFLICT(kind, resource) DO UPDATE SET taken=0, received=excluded.received",
+                [(kind, resource, now) for kind, resource in items],
             )
 
     def take_from_inbox(self) -> InboxItem | None:

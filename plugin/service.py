@@ -282,8 +282,8 @@ class Service:
 
         On a transient error (Orthanc busy or restarting) the durable row
         stays and is taken again later; a stored-instance event is dropped,
-        as its change-log twin will come; other events (series, reprocess
-        requests) are kept in memory and tried again.
+        as its change-log twin will come; a stable-series event is kept in
+        memory and tried again.
         """
         pending: list[tuple[Job, Stored | None]] = []
         try:
@@ -370,20 +370,21 @@ class Service:
         failed and dead ones run again; a new model version gets its own jobs.
         """
         instances = self.client.get_json(f"/studies/{study_id}/instances")
+        series = sorted({i["ParentSeries"] for i in instances})
         requeued = 0
         for instance in instances:
             self.store.forget_instance_outcomes(instance["ID"])
             for job in self.store.for_instance(instance["ID"]):
                 if job.state in ("failed", "dead") and self.store.requeue(job.id):
                     requeued += 1
-            self._inbox.put(InboxItem("reprocess", instance["ID"], time.time()))
-        series = {i["ParentSeries"] for i in instances}
         for job in self.store.list(study=study_id, state="failed") + self.store.list(
                 study=study_id, state="dead"):
             if not job.instance and self.store.requeue(job.id):
                 requeued += 1
-        for series_id in series:
-            self._inbox.put(InboxItem("series", series_id, time.time()))
+        # Durable, so a stop before triage loses nothing; after the outcomes are
+        # forgotten, so that triage may record new ones.
+        self.store.push_inbox([("reprocess", i["ID"]) for i in instances]
+                              + [("series", s) for s in series])
         return {"instances": len(instances), "series": len(series), "requeued": requeued}
 
     def triage(self, instance_id: str, queued_at: float | None = None,
@@ -465,9 +466,8 @@ class Service:
         if not job.model:
             # An outcome decided before routing, retried by an operator: decide again.
             self.store.delete(job.id)
-            item = InboxItem("reprocess" if job.instance else "series",
-                             job.instance or job.series or "", time.time())
-            self.run_instance_jobs(self._triage_item(item))
+            self.store.push_inbox([("reprocess", job.instance) if job.instance
+                                   else ("series", job.series or "")])
             return
         if job.instance:
             self.run_instance_jobs([(job, stored)])

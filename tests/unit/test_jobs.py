@@ -97,3 +97,13 @@ def test_inbox_rows_stay_until_acknowledged(store, monkeypatch, tmp_path):
     monkeypatch.setattr(jobs, "INBOX_RETAKE_SECONDS", 0.0)
     time.sleep(0.01)
     assert reopened.take_from_inbox().resource == "s1"
+
+
+def test_pushed_items_are_durable_and_come_first(store, tmp_path):
+    store.add_to_inbox([("instance", "i1", 5)], cursor=5)
+    store.push_inbox([("reprocess", "i9"), ("series", "s9")])
+    reopened = SqliteJobStore(tmp_path / "jobs.sqlite")
+    kinds = [(reopened.take_from_inbox().kind) for _ in range(3)]
+    assert sorted(kinds[:2]) == ["reprocess", "series"] and kinds[2] == "instance"
+    store.push_inbox([("series", "s9")])  # pushed again while taken: available again
+    assert reopened.take_from_inbox().resource == "s9"
