@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import re
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -134,20 +135,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="TensorFlow intra-op threads")
     parser.add_argument("--parent-pid", type=int, default=0,
                         help="exit when this process is gone (Orthanc killed with -9)")
-    parser.add_argument("--ready-file", type=Path, help="write the bound port here when ready")
+    parser.add_argument("--listen-fd", type=int, default=-1,
+                        help="serve on this inherited listening socket instead of --port")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     server = ModelServer(args.models, args.threads)
-    httpd = ThreadingHTTPServer((args.host, args.port), _handler(server))
+    if args.listen_fd >= 0:
+        httpd = ThreadingHTTPServer((args.host, 0), _handler(server), bind_and_activate=False)
+        httpd.socket.close()
+        httpd.socket = socket.socket(fileno=args.listen_fd)
+        httpd.server_address = httpd.socket.getsockname()
+        args.host = httpd.server_address[0]
+    else:
+        httpd = ThreadingHTTPServer((args.host, args.port), _handler(server))
     port = httpd.server_address[1]
     log.info("serving %s on http://%s:%d", sorted(server.registry.cards), args.host, port)
     if args.parent_pid:
         threading.Thread(target=_exit_with_parent, args=(args.parent_pid, httpd),
                          daemon=True).start()
-    if args.ready_file:
-        tmp = args.ready_file.with_suffix(".tmp")
-        tmp.write_text(str(port))
-        tmp.replace(args.ready_file)
     try:
         httpd.serve_forever()
     except KeyboardInterrupt:

@@ -27,17 +27,22 @@ def venv_python(site_packages: str | None) -> Path:
 def start_model_server(
     models: Path, log_path: Path, threads: int = 0, nice: int = 10
 ) -> tuple[str, subprocess.Popen]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    python = venv_python(os.environ.get("ORTHANC_AI_SITE_PACKAGES"))
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            ["nice", "-n", str(nice), str(python), "-m", "inference.server",
-             "--models", str(models), "--host", "127.0.0.1", "--port", str(port),
-             "--threads", str(threads), "--parent-pid", str(os.getpid())],
-            cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
-        )
+    # The listening socket is made here and handed over: no other process can
+    # take the port while the server imports TensorFlow, and early requests
+    # wait in the backlog instead of being refused.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        port = sock.getsockname()[1]
+        python = venv_python(os.environ.get("ORTHANC_AI_SITE_PACKAGES"))
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                ["nice", "-n", str(nice), str(python), "-m", "inference.server",
+                 "--models", str(models), "--listen-fd", str(sock.fileno()),
+                 "--threads", str(threads), "--parent-pid", str(os.getpid())],
+                cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, pass_fds=(sock.fileno(),),
+                env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
+            )
     return f"http://127.0.0.1:{port}", proc

@@ -124,6 +124,38 @@ def test_transient_model_server_outage_is_retried_to_completion(tmp_path):
     assert all(j["attempts"] >= 2 for j in jobs)
 
 
+def test_the_plugins_own_model_server_serves_and_dies_with_orthanc(tmp_path):
+    """Backend http without a URL: the plugin starts inference.server on a socket
+    it made itself, and the server exits when Orthanc is killed."""
+    import pydicom
+
+    config = write_config(tmp_path / "own.json", Backend="http")
+    files = dx_corpus(tmp_path / "dx", 2, base_images=2, seed=3100)
+    server = OrthancAI(tmp_path / "srv", config=config).start()
+    try:
+        server.storescu(files)
+        ids = [server.lookup(str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID))
+               for f in files]
+        jobs = server.wait_jobs(ids, timeout=300)
+        children = subprocess.run(["pgrep", "-f", "inference.server"], capture_output=True,
+                                  text=True).stdout.split()
+    finally:
+        server.kill()
+    assert [j["state"] for j in jobs] == ["done", "done"]
+    assert children
+
+    def alive(pid: str) -> bool:  # a zombie left for init to reap counts as gone
+        try:
+            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.time() + 30
+    while time.time() < deadline and any(alive(pid) for pid in children):
+        time.sleep(0.5)
+    assert not any(alive(pid) for pid in children)
+
+
 def test_a_backend_that_always_fails_ends_dead_with_the_reason(tmp_path):
     config = write_config(tmp_path / "dead.json", Backend="http",
                           ModelServerUrl=f"http://127.0.0.1:{free_port()}", MaxAttempts=3,
