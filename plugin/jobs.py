@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS inbox (
     taken REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (kind, resource)
 );
+CREATE INDEX IF NOT EXISTS inbox_seq ON inbox(seq);
 """
 
 
