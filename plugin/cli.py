@@ -151,9 +151,10 @@ def wait_for_jobs(base_url: str, instance_ids: list[str], series_ids: list[str],
     """Jobs of these instances and (series-level) of these series, once all settled."""
     deadline = time.time() + timeout
     while True:
-        jobs = _get(f"{base_url}/ai/jobs?limit=10000")
-        mine = [j for j in jobs if j["instance"] in instance_ids
-                or (j["level"] == "series" and j["series"] in series_ids)]
+        # One query per resource: a data folder reused by many runs holds many jobs.
+        mine = [j for i in instance_ids for j in _get(f"{base_url}/ai/jobs?instance={i}")]
+        mine += [j for s in series_ids for j in _get(f"{base_url}/ai/jobs?series={s}")
+                 if j["level"] == "series"]
         covered = {j["instance"] for j in mine} | {j["series"] for j in mine}
         if set(instance_ids) | set(series_ids) <= covered and all(map(_settled, mine)):
             return mine
