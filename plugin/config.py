@@ -44,7 +44,7 @@ class AIConfig:
     # While instances arrive in a burst (2+ within IngestQuietMs), workers wait
     # for a quiet moment, but never longer than IngestMaxDeferMs per batch.
     ingest_quiet_ms: float = 300.0
-    ingest_max_defer_ms: float = 5000.0
+    ingest_max_defer_ms: float = 15000.0
     # AI.Routing: {"ExcludeByDefault": bool, "Rules": [...]}; None = card defaults
     routing_rules: tuple[Rule, ...] | None = None
     exclude_by_default: bool = True
