@@ -119,6 +119,7 @@ class Service:
         self._own_stores = 0  # SRs being stored by our workers (not an ingest burst)
         self._own_lock = threading.Lock()
         self._series_info: OrderedDict[str, tuple[str, str]] = OrderedDict()  # study, modality
+        self._without_job: OrderedDict[str, None] = OrderedDict()  # see triage()
         # Both inboxes usually hold the same instances: the larger is the depth.
         self.metrics = Metrics(store.counts,
                                lambda: max(self._inbox.qsize(), store.inbox_size()))
@@ -395,7 +396,8 @@ class Service:
         except our own SRs and slices whose series job will report on them.
         """
         queued_at = queued_at or time.time()
-        if not force and self.store.for_instance(instance_id):
+        if not force and (instance_id in self._without_job
+                          or self.store.for_instance(instance_id)):
             return []  # seen before (resend, replayed change): handled or in progress
         try:
             return self._triage(instance_id, queued_at)
@@ -422,10 +424,12 @@ class Service:
             reason = non_image_reason(sop_class)
             if reason is not None:
                 if self._is_own_output(instance_id, sop_class):
+                    self._remember_without_job(instance_id)
                     return []
                 raise SkipInput(reason)
             if not self.router.wants(modality, "instance"):
                 if self.router.wants(modality, "series"):
+                    self._remember_without_job(instance_id)
                     return []  # a slice of a volume: its series job reports on it
                 raise SkipInput(f"no rule matched (Modality {modality or 'missing'})")
             stored = self._fetch(instance_id, queued_at, located)
@@ -448,6 +452,13 @@ class Service:
             if job is not None and (claimed := self.store.claim(job.id)) is not None:
                 pending.append((claimed, stored))
         return pending
+
+    def _remember_without_job(self, instance_id: str) -> None:
+        """Our SRs and volume slices get no job of their own: remember them, so
+        that the change log's copy of their event costs no second triage."""
+        self._without_job[instance_id] = None
+        while len(self._without_job) > 20000:
+            self._without_job.popitem(last=False)
 
     def _is_own_output(self, instance_id: str, sop_class: str) -> bool:
         if not sop_class.startswith("1.2.840.10008.5.1.4.1.1.88."):
