@@ -22,6 +22,7 @@ from inference.card import ModelCard
 from inference.errors import BadInput, JobOutcome, SkipInput, TransientError
 from inference.postprocess import Finding, to_finding
 from inference.preprocess import Geometry, prepare_ct_slice
+from inference.report import sr_uids
 from inference.uids import derived_uid
 from inference.volume import (
     OrderedSeries,
@@ -172,7 +173,7 @@ def analyse_series(service: Service, job: Job, card: ModelCard) -> dict[str, Any
     notes = list(ordered.notes) + bad[:5]
     source_series_uid = str(key.header.SeriesInstanceUID)
     uids = (
-        derived_uid("orthanc-ai/sr-series", source_series_uid, card.id, card.version),
+        sr_uids(key.header, card)[0],  # the same SR series as the instance results
         derived_uid("orthanc-ai/sr-volume", source_series_uid, ordered.fingerprint,
                     card.id, card.version),
     )

@@ -291,8 +291,8 @@ class Service:
             if item.kind == "series":
                 triage_series(self, item.resource)
             else:
-                pending = list(self.triage(item.resource, item.queued_at,
-                                           force=item.kind == "reprocess"))
+                pending = self.triage(item.resource, item.queued_at,
+                                      force=item.kind == "reprocess")
         except TransientError as exc:
             log.warning("orthanc-ai: triage postponed: %s", exc.reason)
             if item.row is None and item.kind != "instance":

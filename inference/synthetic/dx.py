@@ -57,6 +57,15 @@ _ORIENTATION = {
 }
 
 
+def _sct(code: str, meaning: str) -> Dataset:
+    """A code sequence item of SNOMED CT."""
+    item = Dataset()
+    item.CodeValue = code
+    item.CodingSchemeDesignator = "SCT"
+    item.CodeMeaning = meaning
+    return item
+
+
 def dx_dataset(
     rendered: Rendered,
     *,
@@ -202,12 +211,7 @@ def dx_dataset(
 
     # DX Anatomy Imaged
     ds.ImageLaterality = laterality
-    code, meaning = ANATOMIC_REGIONS[body_part]
-    region = Dataset()
-    region.CodeValue = code
-    region.CodingSchemeDesignator = "SCT"
-    region.CodeMeaning = meaning
-    ds.AnatomicRegionSequence = Sequence([region])
+    ds.AnatomicRegionSequence = Sequence([_sct(*ANATOMIC_REGIONS[body_part])])
 
     # DX Detector
     ds.DetectorType = "SCINTILLATOR"
@@ -217,11 +221,7 @@ def dx_dataset(
 
     # DX Positioning
     ds.ViewPosition = view_position
-    view_code, view_meaning = _VIEW_CODES[view_position]
-    view = Dataset()
-    view.CodeValue = view_code
-    view.CodingSchemeDesignator = "SCT"
-    view.CodeMeaning = view_meaning
+    view = _sct(*_VIEW_CODES[view_position])
     view.ViewModifierCodeSequence = Sequence([])
     ds.ViewCodeSequence = Sequence([view])
     ds.PositionerType = ""  # Type 2; a phantom has no positioner
