@@ -27,6 +27,7 @@ class SliceRef:
     sop_instance_uid: str
     position: tuple[float, float, float] | None
     orientation: tuple[float, ...] | None
+    file_size: int = 0  # bytes, from the same listing
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,7 @@ def list_slices(service: Service, series_id: str) -> OrderedSeries:
             sop_instance_uid=i["MainDicomTags"].get("SOPInstanceUID", i["ID"]),
             position=parse_vector(i["MainDicomTags"].get("ImagePositionPatient"), 3),
             orientation=parse_vector(i["MainDicomTags"].get("ImageOrientationPatient"), 6),
+            file_size=int(i.get("FileSize", 0) or 0),
         )
         for i in instances
     ]
@@ -133,7 +134,10 @@ def analyse_series(service: Service, job: Job, card: ModelCard) -> dict[str, Any
         chunk, prepared = [], []
         for index, ref in slices[start : start + batch_size]:
             try:
-                stored = service._fetch(ref.instance, job.created)
+                # Study, series and file size are known from the listing: no
+                # per-slice lookup before the download.
+                located = ({"FileSize": ref.file_size}, job.study or "", job.series, "")
+                stored = service._fetch(ref.instance, job.created, located)
                 with service._stage("decode"):
                     prepared.append(prepare_ct_slice(
                         stored.dataset, canvas=(rows, cols),
