@@ -29,7 +29,7 @@ from inference.backend import Batch, InProcessBackend
 from inference.card import ModelCard
 from inference.preprocess import prepare_radiograph
 from inference.report import sr_uids
-from plugin.config import PROJECT_ROOT
+from engine.config import PROJECT_ROOT
 from tests.harness import STORESCU, OrthancAI, dx_corpus, write_config
 
 MODEL_ID = "limb-fracture-xr"

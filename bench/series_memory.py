@@ -22,7 +22,7 @@ from bench.run_all import rss_kib
 from inference.synthetic.ct import write_ct_series
 from inference.synthetic.headct import sample_head
 from inference.uids import derived_uid
-from plugin.config import PROJECT_ROOT
+from engine.config import PROJECT_ROOT
 from tests.harness import OrthancAI, write_config
 
 

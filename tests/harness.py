@@ -158,7 +158,7 @@ def write_config(path: Path, **ai: Any) -> Path:
     """The project's orthanc.json with AI keys changed, for tests and benchmarks."""
     import json
 
-    from plugin.config import load_orthanc_json
+    from engine.config import load_orthanc_json
 
     config = load_orthanc_json(ROOT / "orthanc.json")
     stable_age = ai.pop("StableAge", None)

@@ -13,7 +13,7 @@ from pydicom.data import get_testdata_file
 from inference.backend import Batch, InProcessBackend
 from inference.card import ModelCard
 from inference.preprocess import prepare_radiograph
-from plugin.config import PROJECT_ROOT
+from engine.config import PROJECT_ROOT
 from tests.dicom_tools import dciodvfy_errors
 from tests.factories import synthetic_dx
 

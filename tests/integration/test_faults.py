@@ -71,7 +71,7 @@ def test_instances_stored_while_the_plugin_was_down_are_processed(tmp_path):
 
 
 def _model_server(port: int) -> subprocess.Popen:
-    from plugin.config import PROJECT_ROOT
+    from engine.config import PROJECT_ROOT
 
     return subprocess.Popen(
         [sys.executable, "-m", "inference.server", "--models", str(PROJECT_ROOT / "models"),

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from plugin.config import ConfigError
+from engine.config import ConfigError
 from tests.orthanc_stub import RestOutput, StrictOrthanc
 
 

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from plugin.config import PROJECT_ROOT, AIConfig, ConfigError, load_orthanc_json, parse_ai_section
+from engine.config import PROJECT_ROOT, AIConfig, ConfigError, load_orthanc_json, parse_ai_section
 
 
 def test_defaults_when_section_absent():

@@ -3,7 +3,7 @@
 import shutil
 import subprocess
 
-from plugin.config import PROJECT_ROOT
+from engine.config import PROJECT_ROOT
 
 
 def test_docker_compose_file_is_valid():

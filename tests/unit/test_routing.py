@@ -8,7 +8,7 @@ from pydicom.dataset import Dataset
 from inference.card import ModelCard
 from inference.errors import SkipInput
 from inference.routing import Router, RoutingError, Rule, default_exclusion, default_rules
-from plugin.config import ConfigError, parse_ai_section
+from engine.config import ConfigError, parse_ai_section
 from tests.factories import card_json, write_card
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from inference.routing import RoutingError
 
-from .config import PROJECT_ROOT, ConfigError, load_orthanc_json, parse_ai_section
+from engine.config import PROJECT_ROOT, ConfigError, load_orthanc_json, parse_ai_section
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 PLUGIN_DIR = Path("/usr/share/orthanc/plugins")

@@ -1,0 +1,1 @@
+"""The analysis engine: worker processes beside Orthanc, job stores, the CLI."""
