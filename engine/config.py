@@ -28,7 +28,11 @@ class AIConfig:
     enabled: bool = True
     models_directory: Path = PROJECT_ROOT / "models"
     workers: int = 1
-    queue_database: Path | None = None  # default: <StorageDirectory>/orthanc-ai/jobs.sqlite
+    # A SQLite path, or a postgresql:// URL shared by several Orthanc nodes;
+    # default: <StorageDirectory>/orthanc-ai/jobs.sqlite
+    queue_database: str = ""
+    node_name: str = ""  # default: <hostname>:<HttpPort>
+    lease_seconds: float = 30.0  # a claimed job whose worker stops renewing is due again
     max_pixel_bytes: int = 1 << 30
     max_instance_bytes: int = 2 << 30
     tensorflow_threads: int = 0  # 0 lets TensorFlow decide
@@ -40,14 +44,19 @@ class AIConfig:
     backend: str = "in-process"  # or "http": a TF Serving / KServe V1 model server
     model_server_url: str = ""  # http backend; empty: the plugin starts our own server
     changes_poll_seconds: float = 1.0
-    worker_nice: int = 10  # 0-19: how much our threads yield the CPU to Orthanc's
-    # While instances arrive in a burst (2+ within IngestQuietMs), workers wait
-    # for a quiet moment, but never longer than IngestMaxDeferMs per batch.
-    ingest_quiet_ms: float = 300.0
-    ingest_max_defer_ms: float = 15000.0
+    worker_nice: int = 10  # 0-19: how much the worker processes yield the CPU to Orthanc
     # AI.Routing: {"ExcludeByDefault": bool, "Rules": [...]}; None = card defaults
     routing_rules: tuple[Rule, ...] | None = None
     exclude_by_default: bool = True
+
+    def queue_location(self, storage: Path) -> str | Path:
+        """Where the job store lives: the configured URL or path, else beside Orthanc's files."""
+        if not self.queue_database:
+            return storage / "orthanc-ai" / "jobs.sqlite"
+        if self.queue_database.startswith(("postgresql://", "postgres://")):
+            return self.queue_database
+        path = Path(self.queue_database)
+        return path if path.is_absolute() else PROJECT_ROOT / path
 
     def router(self, cards: Mapping[str, ModelCard]) -> Router:
         """Rules checked against the installed model cards (RoutingError if wrong)."""
@@ -74,8 +83,8 @@ _KEYS = {
     "ModelServerUrl": "model_server_url",
     "ChangesPollSeconds": "changes_poll_seconds",
     "WorkerNice": "worker_nice",
-    "IngestQuietMs": "ingest_quiet_ms",
-    "IngestMaxDeferMs": "ingest_max_defer_ms",
+    "NodeName": "node_name",
+    "LeaseSeconds": "lease_seconds",
     "Routing": "routing_rules",
 }
 _SPECIAL = {"routing_rules", "exclude_by_default"}
@@ -162,6 +171,8 @@ def parse_ai_section(section: Any) -> AIConfig:
             raise ConfigError(f"AI.{key} must be greater than 0")
     if config.max_attempts < 1:
         raise ConfigError("AI.MaxAttempts must be at least 1")
+    if config.lease_seconds < 2:
+        raise ConfigError("AI.LeaseSeconds must be at least 2")
     if config.worker_nice > 19:
         raise ConfigError("AI.WorkerNice must be between 0 and 19")
     if config.backend not in ("in-process", "http"):

@@ -12,14 +12,14 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pydicom
 
 from inference.backend import Batch, RawOutput
 from inference.card import ModelCard
-from inference.errors import BadInput, JobOutcome, SkipInput, TransientError
+from inference.errors import BadInput, JobOutcome, SkipInput
 from inference.postprocess import Finding, to_finding
 from inference.preprocess import Geometry, prepare_ct_slice
 from inference.report import sr_uids
@@ -33,10 +33,9 @@ from inference.volume import (
     parse_vector,
 )
 
-from .jobs import Job
-
-if TYPE_CHECKING:
-    from .service import Service
+from .context import Context
+from .fetch import Located, Stored, fetch
+from .stores import Job
 
 log = logging.getLogger("orthanc_ai")
 MAX_BAD_SLICE_FRACTION = 0.1
@@ -54,8 +53,8 @@ class KeySlice:
     missing: tuple[str, ...]
 
 
-def list_slices(service: Service, series_id: str) -> OrderedSeries:
-    instances = service.client.get_json(f"/series/{series_id}/instances")
+def list_slices(ctx: Context, series_id: str) -> OrderedSeries:
+    instances = ctx.source.get_json(f"/series/{series_id}/instances")
     refs = [
         SliceRef(
             instance=i["ID"],
@@ -69,56 +68,20 @@ def list_slices(service: Service, series_id: str) -> OrderedSeries:
     return order_slices(refs)
 
 
-def triage_series(service: Service, series_id: str) -> None:
-    """Create and run the series jobs of a stable series (idempotent per slice set)."""
-    series = service.client.get_json(f"/series/{series_id}")
-    modality = str(series["MainDicomTags"].get("Modality", "")).upper()
-    if not service.router.wants(modality, "series"):
-        return  # radiographs and the like: their instance jobs report on them
-    study = series["ParentStudy"]
-    instances = series.get("Instances", [])
+def run(ctx: Context, job: Job) -> None:
+    """Run one claimed series job; it ends in a state, whatever happens."""
+    from .instance_job import card_for
 
-    def outcome(exc: JobOutcome, version: str) -> None:
-        # Once per version of the series (its slice set, or its size before ordering).
-        state = "skipped" if isinstance(exc, SkipInput) else "failed"
-        if service.store.add("", study=study, series=series_id, state=state,
-                             reason=exc.reason, key=f"series:{series_id}@{version}||"):
-            service.metrics.finished.labels(state).inc()
-
-    if not instances:
-        return
-    try:
-        # Route first, on one slice's header: a series no rule wants says so,
-        # whatever its geometry.
-        header = pydicom.dcmread(io.BytesIO(service.client.instance_file(instances[0])),
-                                 stop_before_pixels=True)
-        cards = service.router.route(header, level="series")
-        ordered = list_slices(service, series_id)
-    except TransientError:
-        raise
-    except JobOutcome as exc:
-        outcome(exc, f"{len(instances)} instances")
-        return
-    except Exception as exc:  # an unreadable first slice, an odd index entry
-        log.exception("orthanc-ai: series %s cannot be triaged", series_id)
-        outcome(BadInput(f"the series cannot be read: {type(exc).__name__}"),
-                f"{len(instances)} instances")
-        return
-    prefix = f"series:{series_id}@{ordered.fingerprint}|"
-    if any(j.key.startswith(prefix) for j in service.store.list(series=series_id)):
-        return  # this set of slices was already seen (a replayed change)
-    for card in cards:
-        job = service.store.add("", study=study, series=series_id, model=card.id,
-                                version=card.version,
-                                key=series_key(series_id, ordered.fingerprint, card))
-        if job is not None and (claimed := service.store.claim(job.id)) is not None:
-            service.run_job(claimed)
+    with ctx.ledger.outcome(job) as done:
+        done(analyse(ctx, job, card_for(ctx, job)), job.created)
 
 
-def analyse_series(service: Service, job: Job, card: ModelCard) -> dict[str, Any]:
-    """Run one series job: stream the slices through the model, report one SR."""
+def analyse(ctx: Context, job: Job, card: ModelCard) -> dict[str, Any]:
+    """Stream the slices of a series through the model, report one SR."""
+    from .instance_job import report
+
     assert job.series is not None
-    ordered = list_slices(service, job.series)
+    ordered = list_slices(ctx, job.series)
     if series_key(job.series, ordered.fingerprint, card) != job.key:
         raise SkipInput("the series changed before this job ran; its new version is analysed")
     rows, cols, _ = card.image.shape
@@ -128,7 +91,7 @@ def analyse_series(service: Service, job: Job, card: ModelCard) -> dict[str, Any
     cell_mm2 = (card.heatmap_stride * card.image.pixel_spacing_mm) ** 2
     acc = SeriesAccumulator()
     bad: list[str] = []
-    batch_size = max(1, service.config.batch_size)
+    batch_size = max(1, ctx.config.batch_size)
     slices = list(enumerate(ordered.slices))
     for start in range(0, len(slices), batch_size):
         chunk, prepared = [], []
@@ -136,23 +99,24 @@ def analyse_series(service: Service, job: Job, card: ModelCard) -> dict[str, Any
             try:
                 # Study, series and file size are known from the listing: no
                 # per-slice lookup before the download.
-                located = ({"FileSize": ref.file_size}, job.study or "", job.series, "")
-                stored = service._fetch(ref.instance, job.created, located)
-                with service._stage("decode"):
+                located = Located({"FileSize": ref.file_size}, job.study or "", job.series,
+                                  "")
+                stored = fetch(ctx, located, ref.instance, job.created)
+                with ctx.stage("decode"):
                     prepared.append(prepare_ct_slice(
                         stored.dataset, canvas=(rows, cols),
                         target_mm=card.image.pixel_spacing_mm, windows=windows,
-                        feature_names=features, max_pixel_bytes=service.config.max_pixel_bytes,
+                        feature_names=features, max_pixel_bytes=ctx.config.max_pixel_bytes,
                     ))
                 chunk.append((index, stored.dataset))
             except (BadInput, SkipInput) as exc:
                 bad.append(f"slice {index + 1}: {exc.reason}")
         if not chunk:
             continue
-        with service._stage("infer"):
+        with ctx.stage("infer"):
             images = np.stack([p.image.pixels for p in prepared])
             feats = np.stack([p.features for p in prepared]) if card.metadata else None
-            outputs = service.backend.predict(card, Batch(images, feats))
+            outputs = ctx.backend.predict(card, Batch(images, feats))
         for (index, ds), prep, raw in zip(chunk, prepared, outputs, strict=True):
             area = lesion_area_mm2(raw.heatmap, level, cell_mm2) if raw.heatmap is not None \
                 else 0.0
@@ -181,10 +145,11 @@ def analyse_series(service: Service, job: Job, card: ModelCard) -> dict[str, Any
         derived_uid("orthanc-ai/sr-volume", source_series_uid, ordered.fingerprint,
                     card.id, card.version),
     )
-    predecessor = _predecessor(service, job, card)
-    result = service.report(card, key.header, finding, study=job.study or "",
-                            missing=key.missing, notes=notes, uids=uids,
-                            predecessor=predecessor)
+    predecessor = _predecessor(ctx, job, card)
+    key_stored = Stored(ordered.slices[acc.best_index].instance, job.study or "", job.series,
+                        key.header, job.created)
+    result = report(ctx, card, key_stored, finding, missing=key.missing, notes=notes,
+                    uids=uids, predecessor=predecessor)
     result.update({
         "volume_ml": finding.volume_ml,
         "key_slice": acc.best_index + 1,
@@ -197,14 +162,15 @@ def analyse_series(service: Service, job: Job, card: ModelCard) -> dict[str, Any
     return result
 
 
-def _predecessor(service: Service, job: Job, card: ModelCard) -> pydicom.Dataset | None:
+def _predecessor(ctx: Context, job: Job, card: ModelCard) -> pydicom.Dataset | None:
     """The SR of the latest earlier version of this series by this model, if any."""
-    earlier = [j for j in service.store.list(series=job.series, model=card.id, state="done")
+    earlier = [j for j in ctx.store.list(series=job.series, model=card.id, state="done",
+                                         limit=100000)
                if j.id != job.id and j.result and j.result.get("sr_instance")]
     if not earlier:
         return None
     previous = earlier[-1].result["sr_instance"]  # type: ignore[index]
     try:
-        return pydicom.dcmread(io.BytesIO(service.client.instance_file(previous)))
+        return pydicom.dcmread(io.BytesIO(ctx.source.instance_file(previous)))
     except JobOutcome:
         return None  # the earlier SR was deleted: nothing to refer to

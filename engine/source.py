@@ -1,16 +1,14 @@
-"""Loopback HTTP client for Orthanc's REST API, used by worker threads.
+"""The Orthanc source port, and its loopback HTTP implementation.
 
-Workers never call ``orthanc.RestApi*``: orthanc-python 4.0 keeps the GIL
-during SDK calls, and a worker inside ``orthanc.RestApiPost`` while a
-C-STORE is in ``OnStoredInstance`` deadlocks Orthanc. ``requests``
-releases the GIL while it waits. The ``Authorization`` token comes from
-``orthanc.GenerateRestApiAuthorizationToken()`` so this works whatever the
-authentication settings are.
+Worker processes reach Orthanc over HTTP with the token of
+``orthanc.GenerateRestApiAuthorizationToken()``, handed over by the
+supervisor through the worker's stdin (never a command line or a log), so
+this works whatever the authentication settings are.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import requests
 
@@ -19,6 +17,17 @@ from inference.errors import BadInput, SkipInput, TransientError
 
 class InstanceGone(SkipInput):
     """The instance was deleted before its job ran (e.g. storage recycling)."""
+
+
+class OrthancSource(Protocol):
+    """What the pipeline needs from Orthanc."""
+
+    def get_json(self, path: str) -> Any: ...
+    def instance(self, instance_id: str) -> dict[str, Any]: ...
+    def instance_metadata(self, instance_id: str) -> dict[str, str]: ...
+    def instance_file(self, instance_id: str) -> bytes: ...
+    def store(self, dicom: bytes) -> dict[str, Any]: ...
+    def changes(self, since: int, limit: int = 100) -> dict[str, Any]: ...
 
 
 class OrthancClient:

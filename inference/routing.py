@@ -8,6 +8,11 @@ secondary captures and derived images.
 
 A rule must stay within what its model's card accepts (modalities, level);
 a rule that would send a model what it cannot take is refused at start-up.
+
+The whole skip policy lives here: objects without an image (by SOP class,
+before anything is downloaded), our own outputs (SOP class and
+Manufacturer: an SR we stored over REST has origin ``REST_API`` like any
+upload), the default exclusions, then the rules.
 """
 
 from __future__ import annotations
@@ -24,6 +29,50 @@ from .errors import SkipInput
 from .features import patient_age
 
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+OWN_MANUFACTURER = "orthanc-ai"  # Manufacturer of every SR we write
+SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
+
+# SOP Class UID prefixes of objects without an image to analyse; they are
+# skipped from Orthanc's metadata alone, without downloading the file.
+_NON_IMAGE_PREFIXES = (
+    SR_PREFIX,  # structured reports, key object selection
+    "1.2.840.10008.5.1.4.1.1.11.",  # presentation states
+    "1.2.840.10008.5.1.4.1.1.104.",  # encapsulated PDF, CDA, STL, ...
+    "1.2.840.10008.5.1.4.1.1.9.",  # waveforms (ECG, audio, ...)
+    "1.2.840.10008.5.1.4.1.1.66",  # raw data, spatial registration, fiducials, seg
+    "1.2.840.10008.5.1.4.1.1.481.2",  # RT dose ... RT plans, not RT Image (.481.1)
+    "1.2.840.10008.5.1.4.1.1.481.3",
+    "1.2.840.10008.5.1.4.1.1.481.4",
+    "1.2.840.10008.5.1.4.1.1.481.5",
+    "1.2.840.10008.5.1.4.1.1.481.6",
+    "1.2.840.10008.5.1.4.1.1.481.7",
+    "1.2.840.10008.5.1.4.1.1.481.8",
+    "1.2.840.10008.5.1.4.1.1.481.9",
+    "1.2.840.10008.5.1.1.",  # printing, basic film
+)
+
+
+def sop_class_name(uid: str) -> str:
+    from pydicom.uid import UID
+
+    name = UID(uid).name
+    return name if name != uid else f"SOP Class {uid}"
+
+
+def non_image_reason(sop_class_uid: str) -> str | None:
+    """Why an object of this SOP class has nothing to analyse, or None."""
+    if sop_class_uid and sop_class_uid.startswith(_NON_IMAGE_PREFIXES):
+        return f"non-image object ({sop_class_name(sop_class_uid)})"
+    return None
+
+
+def may_be_own_output(sop_class_uid: str) -> bool:
+    """Only SRs can be ours; whether it is, its Manufacturer says."""
+    return sop_class_uid.startswith(SR_PREFIX)
+
+
+def is_own_output(sop_class_uid: str, manufacturer: str | None) -> bool:
+    return may_be_own_output(sop_class_uid) and manufacturer == OWN_MANUFACTURER
 _RECONSTRUCTED = {"MPR", "MIP", "MINIP", "REFORMATTED", "VOLUME_RENDER", "CURVED",
                   "PROJECTION IMAGE", "SUBTRACTION"}
 _LOCALIZER_WORDS = re.compile(

@@ -1,30 +1,31 @@
 """The only module besides the entry script that talks to the ``orthanc`` module.
 
-It reads the configuration, registers the callbacks and REST routes, and
-starts the service's worker threads once Orthanc's HTTP server is up
-(``ORTHANC_STARTED``), since workers reach Orthanc over loopback HTTP.
+Inside Orthanc stays only what must: the callbacks (a durable enqueue and a
+wake-up, well under a millisecond, never raising), the ``/ai/*`` routes, and
+the supervisor of the worker processes, started once Orthanc's HTTP server
+is up (``ORTHANC_STARTED``), since workers reach Orthanc over loopback HTTP.
+No TensorFlow, no pixel decoding and no highdicom are imported here.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
 import orthanc
-from inference.backend import HttpBackend, InProcessBackend
+from engine.config import AIConfig, parse_ai_section
+from engine.stores import InboxKind, JobStore, open_store
 from inference.registry import Registry
 
-from .config import parse_ai_section
-from .jobs import SqliteJobStore
-from .model_server import start_model_server
-from .orthanc_http import OrthancClient
 from .routes import Api
-from .service import Service
+from .supervisor import Supervisor
 
 log = logging.getLogger("orthanc_ai")
-_service: Service | None = None
 
 
 class _OrthancLogHandler(logging.Handler):
@@ -56,25 +57,103 @@ def _storage_directory(config: dict[str, Any]) -> Path:
     return path.resolve()
 
 
+class Plugin:
+    """What lives in Orthanc's process: the store handle, the supervisor, the routes."""
+
+    def __init__(self, config: dict[str, Any], ai: AIConfig) -> None:
+        self.ai = ai
+        storage = _storage_directory(config)
+        self.work_dir = storage / "orthanc-ai"
+        self.store_location = ai.queue_location(storage)
+        # The callback's own handle: a commit that does not wait for the disk
+        # (the change log backs it up) and a short wait for the write lock.
+        self.inbox: JobStore = open_store(self.store_location, **_fast_options(
+            self.store_location))
+        self.store: JobStore = open_store(self.store_location)
+        self.registry = Registry.scan(ai.models_directory)
+        for folder, error in self.registry.errors.items():
+            log.error("orthanc-ai: model folder %s not used: %s", folder, error)
+        ai.router(self.registry.cards)  # a wrong rule raises: the plugin fails loudly
+        self.http_port = int(config.get("HttpPort", 8042))
+        self.node = ai.node_name or f"{socket.gethostname()}:{self.http_port}"
+        scheme = "https" if config.get("SslEnabled") else "http"
+        self.base_url = f"{scheme}://127.0.0.1:{self.http_port}"
+        self.metrics_dir = self.work_dir / f"metrics-{os.getpid()}"
+        self.config = config
+        self.supervisor: Supervisor | None = None
+        self.model_server = None
+
+    # -- life cycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        token = orthanc.GenerateRestApiAuthorizationToken()
+        model_server_url = ""
+        if self.ai.backend == "http" and not self.ai.model_server_url:
+            from .model_server import start_model_server
+
+            model_server_url, self.model_server = start_model_server(
+                self.ai.models_directory, self.work_dir / "model-server.log",
+                self.ai.tensorflow_threads, self.ai.worker_nice)
+        for old in self.work_dir.glob("metrics-*"):
+            shutil.rmtree(old, ignore_errors=True)
+        self.metrics_dir.mkdir(parents=True, exist_ok=True)
+        boot = {"configuration": self.config, "orthanc_url": self.base_url, "token": token,
+                "node": self.node, "store": str(self.store_location),
+                "model_server_url": model_server_url}
+        env = dict(os.environ)
+        env.update({
+            "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+            "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
+            "TF_CPP_MIN_LOG_LEVEL": env.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+            "MALLOC_ARENA_MAX": env.get("MALLOC_ARENA_MAX", "2"),
+        })
+        self.supervisor = Supervisor(self.ai.workers, boot, node=self.node,
+                                     log_dir=self.work_dir, env=env, nice=self.ai.worker_nice,
+                                     on_death=self.store.release_owner)
+        self.supervisor.start()
+
+    def stop(self) -> None:
+        if self.supervisor is not None:
+            self.supervisor.stop()
+        if self.model_server is not None:
+            self.model_server.terminate()
+
+    # -- callbacks: quick, never raising -----------------------------------------
+
+    def enqueue(self, kind: InboxKind, resource_id: str) -> None:
+        try:
+            self.inbox.push_inbox([(kind, resource_id)])
+        except Exception:
+            pass  # locked or unreachable: the change log brings it a second later
+        if self.supervisor is not None:
+            self.supervisor.wake()
+
+
+def _fast_options(location: Any) -> dict[str, Any]:
+    if str(location).startswith(("postgresql://", "postgres://")):
+        return {"fast_enqueue": True}
+    return {"busy_timeout": 2.0}
+
+
+_plugin: Plugin | None = None
+
+
 def _on_stored_instance(dicom: Any, instance_id: str) -> None:
     # Runs inside Orthanc's ingest path: enqueue and return, never raise.
-    try:
-        if _service is not None:
-            _service.enqueue(instance_id)
-    except Exception:
-        pass
+    if _plugin is not None:
+        _plugin.enqueue(InboxKind.INSTANCE, instance_id)
 
 
 def _on_change(change_type: int, level: int, resource_id: str) -> None:
     try:
-        if _service is None:
+        if _plugin is None:
             return
         if change_type == orthanc.ChangeType.ORTHANC_STARTED:
-            _service.start()
+            _plugin.start()
         elif change_type == orthanc.ChangeType.STABLE_SERIES:
-            _service.enqueue_series(resource_id)
+            _plugin.enqueue(InboxKind.SERIES, resource_id)
         elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
-            _service.stop()
+            _plugin.stop()
     except Exception:
         log.exception("orthanc-ai: change callback failed")
 
@@ -90,7 +169,7 @@ def _rest_handler(method: str, handler: Any):
         except Exception as exc:
             log.exception("orthanc-ai: REST %s failed", uri)
             status, content_type = 500, "application/json"
-            body = json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode()
+            body = json.dumps({"error": f"internal error: {type(exc).__name__}"}).encode()
         if status == 200:
             output.AnswerBuffer(body, content_type)
         else:
@@ -103,7 +182,7 @@ def _rest_handler(method: str, handler: Any):
 
 def install() -> None:
     """Called once by the entry script while Orthanc loads plugins."""
-    global _service
+    global _plugin
     handler = _OrthancLogHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(handler)
@@ -116,35 +195,11 @@ def install() -> None:
     if not ai.enabled:
         log.warning("orthanc-ai: disabled by AI.Enabled = false")
         return
-    storage = _storage_directory(config)
-    store = SqliteJobStore(ai.queue_database or storage / "orthanc-ai" / "jobs.sqlite")
-    scheme = "https" if config.get("SslEnabled") else "http"
-    client = OrthancClient(
-        f"{scheme}://127.0.0.1:{int(config.get('HttpPort', 8042))}",
-        orthanc.GenerateRestApiAuthorizationToken(),
-        timeout=ai.http_timeout_seconds,
-    )
-    registry = Registry.scan(ai.models_directory)
-    for folder, error in registry.errors.items():
-        log.error("orthanc-ai: model folder %s not used: %s", folder, error)
-    router = ai.router(registry.cards)  # a wrong rule raises: the plugin fails loudly
-    if ai.backend == "http":
-        url, wait = ai.model_server_url, 0.0
-        if not url:
-            url, _ = start_model_server(ai.models_directory, storage / "orthanc-ai" /
-                                        "model-server.log", ai.tensorflow_threads,
-                                        ai.worker_nice)
-            wait = 180.0  # TensorFlow's import and the model loads take a while
-        backend = HttpBackend(url, timeout=ai.http_timeout_seconds, startup_wait=wait)
-    else:
-        backend = InProcessBackend(intra_op_threads=ai.tensorflow_threads)
-    _service = Service(ai, store, client, registry, backend, router)
-
+    _plugin = Plugin(config, ai)
     orthanc.RegisterOnStoredInstanceCallback(_on_stored_instance)
     orthanc.RegisterOnChangeCallback(_on_change)
-    for pattern, method, fn in Api(_service).routes():
+    for pattern, method, fn in Api(_plugin).routes():
         orthanc.RegisterRestCallback(pattern, _rest_handler(method, fn))
-    log.warning(
-        "orthanc-ai: %d model(s) %s, queue %s", len(registry.cards),
-        sorted(registry.cards), store.path,
-    )
+    log.warning("orthanc-ai: node %s, %d model(s) %s, %d worker process(es), queue %s",
+                _plugin.node, len(_plugin.registry.cards), sorted(_plugin.registry.cards),
+                ai.workers, _plugin.store.url)

@@ -12,16 +12,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from .config import PROJECT_ROOT
-
-
-def venv_python(site_packages: str | None) -> Path:
-    """``<venv>/bin/python`` for ``<venv>/lib/pythonX.Y/site-packages``."""
-    if site_packages:
-        candidate = Path(site_packages).resolve().parents[2] / "bin" / "python"
-        if candidate.exists():
-            return candidate
-    return PROJECT_ROOT / ".venv" / "bin" / "python"
+from .supervisor import PROJECT_ROOT, venv_python
 
 
 def start_model_server(

@@ -1,0 +1,106 @@
+"""Instance jobs: one image, one model, one SR; batched per model.
+
+Decode and preprocess each image, one model call per model for the whole
+batch, then a finding, an SR and the sinks for each image. Each job ends
+through the ledger, whatever happens to the others of its batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from inference.backend import Batch
+from inference.card import ModelCard
+from inference.errors import BadInput
+from inference.postprocess import Finding, to_finding
+from inference.preprocess import ModelInput, prepare_radiograph
+from inference.report import build_sr
+
+from .context import Context, sr_file
+from .fetch import SeriesCache, Stored, fetch, locate
+from .sinks import Report
+from .stores import Job
+
+
+def card_for(ctx: Context, job: Job) -> ModelCard:
+    card = ctx.registry.cards.get(job.model)
+    if card is None or card.version != job.model_version:
+        raise BadInput(f"model {job.model} {job.model_version} is not loaded")
+    return card
+
+
+def _batch(card: ModelCard, inputs: Sequence[ModelInput]) -> Batch:
+    """Stack prepared radiographs into the card's input shape."""
+    images = np.stack([i.image.pixels for i in inputs])[..., None]
+    if card.image.shape[2] != 1:
+        images = np.repeat(images, card.image.shape[2], axis=-1)
+    features = np.stack([i.features for i in inputs]) if card.metadata else None
+    return Batch(images, features)
+
+
+def prepare(ctx: Context, card: ModelCard, stored: Stored) -> ModelInput:
+    rows, cols, _ = card.image.shape
+    with ctx.stage("decode"):
+        return prepare_radiograph(
+            stored.dataset,
+            canvas=(rows, cols),
+            target_mm=card.image.pixel_spacing_mm,
+            feature_names=card.metadata.features if card.metadata else (),
+            max_pixel_bytes=ctx.config.max_pixel_bytes,
+        )
+
+
+def run(ctx: Context, cache: SeriesCache, pending: Sequence[tuple[Job, Stored | None]]) -> None:
+    """Run claimed instance jobs; every one of them ends in a state."""
+    prepared: dict[str, list[tuple[Job, Stored, ModelInput]]] = {}
+    for job, stored in pending:
+        with ctx.ledger.outcome(job):
+            card = card_for(ctx, job)
+            if stored is None:
+                stored = fetch(ctx, locate(ctx, cache, job.instance), job.instance, job.created)
+            prepared.setdefault(card.id, []).append((job, stored, prepare(ctx, card, stored)))
+    for model_id, items in prepared.items():
+        card = ctx.registry.cards[model_id]
+        try:
+            with ctx.stage("infer"):
+                outputs = ctx.backend.predict(card, _batch(card, [i[2] for i in items]))
+        except Exception as exc:
+            for job, _, _ in items:
+                with ctx.ledger.outcome(job):
+                    raise exc
+            continue
+        for (job, stored, inputs), raw in zip(items, outputs, strict=True):
+            with ctx.ledger.outcome(job) as done:
+                finding = to_finding(card, raw, inputs.image.geometry)
+                result = report(ctx, card, stored, finding, missing=inputs.missing_inputs,
+                                notes=inputs.image.notes)
+                done(result, stored.queued_at)
+
+
+def report(ctx: Context, card: ModelCard, stored: Stored, finding: Finding, *,
+           missing: Sequence[str] = (), notes: Sequence[str] = (),
+           uids: tuple[str, str] | None = None, predecessor=None,
+           instance: str | None = None) -> dict:
+    """Build the SR, hand it to the sinks, and describe the result."""
+    with ctx.stage("report"):
+        sr = build_sr(stored.dataset, card, [finding], missing_inputs=missing, notes=notes,
+                      uids=uids, predecessor=predecessor)
+        data = sr_file(sr)
+    delivered = ctx.deliver(Report(card, stored.dataset, sr, data, (finding,), stored.study,
+                                   stored.series, instance or stored.instance))
+    region = finding.region
+    return {
+        "finding": card.finding.meaning,
+        "probability": round(finding.probability, 6),
+        "positive": finding.positive,
+        "threshold": finding.threshold,
+        "region": None if region is None else [region.col0, region.row0,
+                                                region.col1, region.row1],
+        "missing_inputs": list(missing),
+        "notes": list(notes),
+        "sr_sop_instance_uid": str(sr.SOPInstanceUID),
+        "sr_series_instance_uid": str(sr.SeriesInstanceUID),
+        **delivered,
+    }

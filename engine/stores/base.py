@@ -1,0 +1,201 @@
+"""What every job store offers: jobs with leases, a durable inbox, a few values.
+
+One job is one (input, model id, model version). Its key is unique, so an
+input seen twice (a resend, a replayed change) never runs a model version
+twice. Outcomes decided before a model is chosen (non-image object, no
+model applies, instance vanished) are jobs with an empty model.
+
+States: ``queued`` -> ``running`` -> ``done`` | ``skipped`` | ``failed`` |
+``dead``. ``failed`` with a ``not_before`` time will be retried then (a
+transient error); ``failed`` without one failed for good (a broken input,
+or an input whose analysis killed its worker ``MaxAttempts`` times).
+``dead`` means transient errors used up all attempts.
+
+A claim is a lease: the claiming worker (``owner``, "node/pid") renews it
+while it works. A job whose lease ran out (its worker or its whole node
+died) is due again, with the death counted as an attempt; nothing is moved
+back at start-up, so any node can take over any other node's work.
+
+The inbox holds instances, series and studies to triage, from Orthanc's
+callbacks and its change log. A triaged row stays, marked done, for an hour:
+the change log's copy of an event the callback already delivered is then
+ignored by the insert instead of being triaged a second time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Protocol
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+    DEAD = "dead"
+
+
+STATES = tuple(s.value for s in JobState)
+
+
+class InboxKind(StrEnum):
+    INSTANCE = "instance"  # a stored instance (callback or change log)
+    SERIES = "series"  # a stable series (volumes)
+    REPROCESS = "reprocess"  # an instance to decide again (operator)
+    STUDY = "study"  # every instance and series of a study, again (operator)
+
+
+DIED_REASON = "the worker died while analysing this input"
+INBOX_DONE_KEEP_SECONDS = 3600.0
+
+
+def iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def job_key(instance: str, model: str = "", version: str = "") -> str:
+    return f"{instance}|{model}|{version}"
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A job that triage decided should exist (queued, or an outcome at once)."""
+
+    instance: str  # Orthanc ID; "" for a series job
+    study: str | None
+    series: str | None
+    model: str = ""
+    version: str = ""
+    state: JobState = JobState.QUEUED
+    reason: str | None = None
+    key: str | None = None  # default: job_key(instance, model, version)
+
+    @property
+    def job_key(self) -> str:
+        return self.key or job_key(self.instance, self.model, self.version)
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    key: str
+    instance: str
+    study: str | None
+    series: str | None
+    model: str
+    model_version: str
+    state: str
+    reason: str | None
+    attempts: int
+    created: float
+    updated: float
+    not_before: float
+    result: dict[str, Any] | None
+    node: str | None = None  # the node whose worker ran (or runs) it
+    deaths: int = 0  # times its worker died while running it
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "state": self.state,
+            "model": self.model or None,
+            "model_version": self.model_version or None,
+            "level": "instance" if self.instance else "series",
+            "instance": self.instance or None,
+            "study": self.study,
+            "series": self.series,
+            "attempts": self.attempts,
+            "next_attempt": iso(self.not_before) if self.not_before else None,
+            "reason": self.reason,
+            "node": self.node,
+            "created": iso(self.created),
+            "updated": iso(self.updated),
+            "result": self.result,
+        }
+
+
+@dataclass(frozen=True)
+class InboxItem:
+    """An instance, series or study to triage; ``row`` identifies its inbox row."""
+
+    kind: InboxKind
+    resource: str  # Orthanc ID
+    queued_at: float
+    row: int
+    attempts: int = 1  # takes so far, this one included
+
+
+class JobStore(Protocol):
+    """The job store the plugin and the workers share (SQLite or PostgreSQL)."""
+
+    url: str  # where it lives, for logs and /ai/health (no password)
+
+    def close(self) -> None: ...
+
+    # -- jobs ----------------------------------------------------------------
+    def add(self, job: NewJob) -> Job | None:
+        """Create the job unless its key exists; the new job, or None."""
+
+    def claim(self, job_id: int, owner: str, lease_seconds: float) -> Job | None:
+        """Move one queued job to running under ``owner``, counting an attempt."""
+
+    def claim_next(self, owner: str, lease_seconds: float, max_attempts: int) -> Job | None:
+        """The oldest due job: queued, failed and past its back-off, or running
+        with an expired lease (a death: counted; at ``max_attempts`` it ends
+        ``failed`` with :data:`DIED_REASON` instead of being returned)."""
+
+    def renew(self, owner: str, lease_seconds: float) -> int:
+        """Extend the leases of every job and inbox row ``owner`` holds."""
+
+    def release_owner(self, owner: str) -> int:
+        """``owner`` died: its leases expire now (its jobs are due at once)."""
+
+    def finish(self, job_id: int, state: JobState, *, reason: str | None = None,
+               result: dict[str, Any] | None = None, retry_at: float = 0.0,
+               owner: str | None = None) -> bool:
+        """Record how a job ended; with ``owner``, only if it still holds the job."""
+
+    def requeue(self, job_id: int) -> Job | None:
+        """Operator retry: a job that is not running goes back to the queue."""
+
+    def delete(self, job_id: int) -> None: ...
+    def get(self, job_id: int) -> Job | None: ...
+    def for_instance(self, instance: str) -> list[Job]: ...
+
+    def list(self, *, state: str | None = None, study: str | None = None,
+             model: str | None = None, instance: str | None = None,
+             series: str | None = None, node: str | None = None, since_id: int = 0,
+             limit: int = 1000) -> list[Job]: ...
+
+    def counts(self) -> dict[str, int]: ...
+
+    def forget_instance_outcomes(self, instance: str) -> int:
+        """Drop instance-level outcomes (decided before routing), to decide again."""
+
+    # -- inbox ---------------------------------------------------------------
+    def push_inbox(self, items: list[tuple[InboxKind, str]], *, again: bool = False) -> None:
+        """Queue items durably; ``again`` re-opens an item already triaged."""
+
+    def add_changes(self, items: list[tuple[InboxKind, str]], cursor: int) -> None:
+        """Queue change-log items and advance the cursor in one transaction."""
+
+    def take_from_inbox(self, owner: str, limit: int, lease_seconds: float) -> list[InboxItem]:
+        """The oldest untriaged items, leased to ``owner`` until acknowledged."""
+
+    def ack_inbox(self, rows: list[int]) -> None:
+        """Triage of these rows is over."""
+
+    def release_inbox(self, rows: list[int], delay: float) -> None:
+        """Triage met a transient error: take these rows again after ``delay``,
+        without counting the take."""
+
+    def inbox_size(self) -> int:
+        """Rows not yet triaged."""
+
+    # -- values (the change-log cursor) --------------------------------------
+    def get_value(self, key: str) -> str | None: ...
+    def set_value(self, key: str, value: str) -> None: ...

@@ -1,0 +1,284 @@
+"""A worker process beside Orthanc: ``python -m engine.worker``, started by the plugin.
+
+The supervisor (``plugin/supervisor.py``) writes one JSON line to our stdin:
+the Orthanc configuration, the loopback URL and REST token, the node name
+and the worker's index. After that, each line on stdin is a wake-up (an
+instance was queued), and the end of stdin means Orthanc is gone: we stop.
+Our stdout carries status lines back to the supervisor; our log is stderr.
+
+Everything heavy lives here, never in Orthanc's process: pydicom decoding,
+TensorFlow, highdicom. A codec that aborts, a model that leaks or runs out
+of memory, takes this process down and the supervisor starts another; the
+jobs it held are due again when its lease is released, with the death
+counted as an attempt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("orthanc_ai")
+
+
+class Worker:
+    def __init__(self, ctx: Any, *, follow_changes: bool, wake: threading.Event,
+                 stop: threading.Event) -> None:
+        from .triage import Triage
+
+        self.ctx = ctx
+        self.triage = Triage(ctx)
+        self.follow = follow_changes
+        self.wake = wake
+        self.stop = stop
+
+    # -- the loop ------------------------------------------------------------
+
+    def run(self) -> None:
+        threads = [threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)]
+        if self.follow:
+            threads.append(threading.Thread(target=self._follow_changes, name="changes",
+                                            daemon=True))
+        for t in threads:
+            t.start()
+        while not self.stop.is_set():
+            try:
+                if not self.step():
+                    self.wake.wait(self.ctx.config.changes_poll_seconds)
+                    self.wake.clear()
+            except Exception:  # the loop itself must survive anything
+                log.exception("orthanc-ai: worker error")
+                self.stop.wait(1.0)
+
+    def step(self) -> bool:
+        """Do one batch of work; False when there was nothing to do."""
+        from . import instance_job, series_job
+
+        ctx = self.ctx
+        job = ctx.ledger.claim_next()
+        if job is not None:
+            if not job.model:
+                # An outcome decided before routing, retried by an operator: decide again.
+                ctx.store.delete(job.id)
+                kind = "reprocess" if job.instance else "series"
+                ctx.store.push_inbox([(kind, job.instance or job.series or "")], again=True)
+            elif job.instance:
+                # One at a time: a job found after a worker's death may be what killed it.
+                instance_job.run(ctx, self.triage.series_cache, [(job, None)])
+            else:
+                series_job.run(ctx, job)
+            return True
+        items = ctx.store.take_from_inbox(ctx.owner, ctx.config.batch_size,
+                                          ctx.config.lease_seconds)
+        if not items:
+            return False
+        instance_jobs, series_jobs = [], []
+        try:
+            for item in items:
+                claimed = self._triage(item)
+                for job, stored in claimed:
+                    (instance_jobs if job.instance else series_jobs).append((job, stored))
+        finally:
+            # Claimed jobs never wait for their lease to run out.
+            instance_job.run(ctx, self.triage.series_cache, instance_jobs)
+            for job, _ in series_jobs:
+                series_job.run(ctx, job)
+        return True
+
+    def _triage(self, item: Any) -> list[tuple[Any, Any]]:
+        """Triage one inbox item, create its jobs, claim them; ack the row."""
+        from inference.errors import TransientError
+
+        from .stores import JobState
+        from .triage import died_in_triage
+
+        ctx = self.ctx
+        if item.attempts > ctx.config.max_attempts:
+            ctx.ledger.record(died_in_triage(item))
+            ctx.store.ack_inbox([item.row])
+            return []
+        try:
+            decision = self.triage(item)
+        except TransientError as exc:
+            log.warning("orthanc-ai: triage postponed: %s", exc.reason)
+            ctx.store.release_inbox([item.row], delay=2.0)
+            return []
+        except Exception as exc:
+            log.exception("orthanc-ai: triage failed")
+            from .stores import NewJob
+
+            decision_jobs = [NewJob(item.resource if item.kind != "series" else "", None,
+                                    item.resource if item.kind == "series" else None,
+                                    state=JobState.FAILED,
+                                    reason=f"internal error in triage: {type(exc).__name__}",
+                                    key=f"{item.kind}:{item.resource}@triage||")]
+            for spec in decision_jobs:
+                ctx.ledger.record(spec)
+            ctx.store.ack_inbox([item.row])
+            return []
+        claimed = []
+        for spec in decision.jobs:
+            job = ctx.ledger.record(spec)
+            if job is not None and spec.state == JobState.QUEUED:
+                mine = ctx.ledger.claim(job)
+                if mine is not None:
+                    claimed.append((mine, decision.stored))
+        ctx.store.ack_inbox([item.row])
+        return claimed
+
+    # -- beside the loop -----------------------------------------------------
+
+    def _heartbeat(self) -> None:
+        """Renew our leases while we work, so no other worker takes our jobs."""
+        period = max(0.5, self.ctx.config.lease_seconds / 3)
+        store = None
+        while not self.stop.wait(period):
+            try:
+                if store is None:
+                    from .stores import open_store
+
+                    store = open_store(self.ctx.store_location)
+                store.renew(self.ctx.owner, self.ctx.config.lease_seconds)
+            except Exception as exc:
+                log.warning("orthanc-ai: lease renewal failed: %s", type(exc).__name__)
+
+    def _follow_changes(self) -> None:
+        """Copy NewInstance/StableSeries changes into the durable inbox, with the cursor.
+
+        The stored-instance callback is the fast path; this is the path that
+        survives crashes (an instance stored just before a kill -9, or while
+        the plugin was off). On the very first start the cursor begins at the
+        end of the log: enabling the plugin does not re-analyse the archive.
+        """
+        from .source import OrthancClient
+        from .stores import InboxKind, open_store
+
+        ctx = self.ctx
+        store = open_store(ctx.store_location)
+        source = OrthancClient(ctx.source.base_url, timeout=ctx.config.http_timeout_seconds)
+        source.session.headers.update(ctx.source.session.headers)
+        kinds = {"NewInstance": InboxKind.INSTANCE, "StableSeries": InboxKind.SERIES}
+        cursor: int | None = None
+        while not self.stop.is_set():
+            try:
+                if cursor is None:
+                    saved = store.get_value("changes_cursor")
+                    if saved is None:
+                        last = int(source.get_json("/changes?last")["Last"])
+                        store.add_changes([], last)
+                        saved = str(last)
+                    cursor = int(saved)
+                page = source.changes(cursor, limit=500)
+                items = [(kinds[c["ChangeType"]], c["ID"])
+                         for c in page.get("Changes", []) if c.get("ChangeType") in kinds]
+                last = int(page.get("Last", cursor))
+                if items or last != cursor:
+                    store.add_changes(items, last)
+                    cursor = last
+                    if items:
+                        self.wake.set()
+                if page.get("Done", True):
+                    self.stop.wait(ctx.config.changes_poll_seconds)
+            except Exception as exc:  # Orthanc busy or stopping: try again shortly
+                log.warning("orthanc-ai: reading the change log failed: %s", type(exc).__name__)
+                self.stop.wait(2.0)
+
+
+# -- the process ---------------------------------------------------------------
+
+def _status(**fields: Any) -> None:
+    """A status line for the supervisor (never the token or patient data)."""
+    try:
+        sys.stdout.write(json.dumps(fields) + "\n")
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def _read_stdin(wake: threading.Event, stop: threading.Event) -> None:
+    """Each line wakes us; end of input means Orthanc is gone."""
+    for _ in sys.stdin:
+        wake.set()
+    stop.set()
+    wake.set()
+    # Whatever the loop is doing, be gone soon: Orthanc will start new workers.
+    threading.Timer(15.0, lambda: os._exit(0)).start()
+
+
+def build_context(boot: dict[str, Any]) -> Any:
+    from engine.config import parse_ai_section
+    from inference.backend import HttpBackend, InProcessBackend
+    from inference.registry import Registry
+
+    from .context import Context
+    from .metrics import WorkerMetrics
+    from .sinks.orthanc_store import OrthancStoreSink
+    from .source import OrthancClient
+    from .stores import open_store
+
+    ai = parse_ai_section(boot["configuration"].get("AI"))
+    location = boot["store"]
+    store = open_store(location)
+    source = OrthancClient(boot["orthanc_url"], boot["token"], timeout=ai.http_timeout_seconds)
+    registry = Registry.scan(ai.models_directory)
+    router = ai.router(registry.cards)
+    if boot.get("model_server_url"):
+        backend: Any = HttpBackend(boot["model_server_url"], timeout=ai.http_timeout_seconds,
+                                   startup_wait=180.0)
+    elif ai.backend == "http":
+        backend = HttpBackend(ai.model_server_url, timeout=ai.http_timeout_seconds)
+    else:
+        backend = InProcessBackend(intra_op_threads=ai.tensorflow_threads)
+    ctx = Context(config=ai, source=source, store=store, backend=backend, registry=registry,
+                  router=router, sinks=[OrthancStoreSink(source)], metrics=WorkerMetrics(),
+                  owner=f"{boot['node']}/{os.getpid()}", store_location=str(location))
+    return ctx
+
+
+def load_models(ctx: Any) -> dict[str, Any]:
+    from inference.card import CardError
+
+    states: dict[str, Any] = {}
+    for card in list(ctx.registry.cards.values()):
+        try:
+            ctx.backend.load(card)
+            states[card.id] = {"state": "loaded", "version": card.version}
+        except CardError as exc:
+            ctx.registry.disable(card.id, str(exc))
+            states[card.id] = {"state": "disabled", "reason": str(exc)}
+        except Exception as exc:  # a model that cannot load must not stop the others
+            log.exception("orthanc-ai: model %s failed to load", card.id)
+            ctx.registry.disable(card.id, f"cannot be loaded: {type(exc).__name__}: {exc}")
+            states[card.id] = {"state": "disabled", "reason": f"cannot be loaded: {exc}"}
+    return states
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s worker %(process)d %(levelname)s %(message)s")
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # one INFO line per module copied
+    line = sys.stdin.readline()
+    if not line:
+        return 1
+    boot = json.loads(line)
+    stop, wake = threading.Event(), threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: (stop.set(), wake.set()))
+    threading.Thread(target=_read_stdin, args=(wake, stop), daemon=True).start()
+    ctx = build_context(boot)
+    models = load_models(ctx)
+    log.warning("orthanc-ai: worker %s ready, models %s", ctx.owner, sorted(models))
+    _status(event="ready", pid=os.getpid(), models=models)
+    Worker(ctx, follow_changes=boot.get("index", 0) == 0, wake=wake, stop=stop).run()
+    log.warning("orthanc-ai: worker %s stopped", ctx.owner)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.exit(main())
