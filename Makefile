@@ -34,10 +34,10 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 
 train: setup
-	$(PY) -m inference.training.train_limb_fracture --out models/limb-fracture-xr
+	$(PY) -m training.train_limb_fracture --out models/limb-fracture-xr
 
 train-ct: setup
-	$(PY) -m inference.training.train_head_ct --out models/head-ct-haemorrhage
+	$(PY) -m training.train_head_ct --out models/head-ct-haemorrhage
 
 # Benchmarks print tables and write bench/out/*.json and report.png.
 bench: setup

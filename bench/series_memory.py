@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from bench.run_all import rss_kib
-from inference.synthetic.ct import write_ct_series
-from inference.synthetic.headct import sample_head
-from inference.uids import derived_uid
 from engine.config import PROJECT_ROOT
+from inference.uids import derived_uid
 from tests.harness import OrthancAI, write_config
+from training.synthetic.ct import write_ct_series
+from training.synthetic.headct import sample_head
 
 
 def main(argv: list[str] | None = None) -> int:

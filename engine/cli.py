@@ -21,9 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from inference.routing import RoutingError
-
 from engine.config import PROJECT_ROOT, ConfigError, load_orthanc_json, parse_ai_section
+from inference.routing import RoutingError
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 PLUGIN_DIR = Path("/usr/share/orthanc/plugins")
@@ -164,8 +163,8 @@ def wait_for_jobs(base_url: str, instance_ids: list[str], series_ids: list[str],
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from inference.synthetic.ct import write_demo_ct_study
-    from inference.synthetic.dx import write_demo_studies
+    from training.synthetic.ct import write_demo_ct_study
+    from training.synthetic.dx import write_demo_studies
 
     argv, env = prepare(args)
     data = Path(args.data).resolve()

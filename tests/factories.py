@@ -63,9 +63,9 @@ def synthetic_dx(seed: int, *, fracture: bool | None = None, age: float | None =
     """A valid synthetic DX dataset (our phantom), deterministic from ``seed``."""
     import numpy as np
 
-    from inference.synthetic.dx import dx_dataset
-    from inference.synthetic.radiograph import render, sample_case
     from inference.uids import derived_uid
+    from training.synthetic.dx import dx_dataset
+    from training.synthetic.radiograph import render, sample_case
 
     rng = np.random.default_rng(seed)
     extra = {"spacing_choices": (spacing_mm,)} if spacing_mm else {}

@@ -1,8 +1,8 @@
 """Synthetic data sets through the runtime preprocessing, metrics, and model evaluation.
 
 Every example goes the way a real image goes at run time: the phantom is
-rendered (:mod:`inference.synthetic.radiograph`), wrapped in a DX DICOM
-dataset (:mod:`inference.synthetic.dx`) and turned into model inputs by
+rendered (:mod:`training.synthetic.radiograph`), wrapped in a DX DICOM
+dataset (:mod:`training.synthetic.dx`) and turned into model inputs by
 :func:`inference.preprocess.prepare_radiograph`. Training and deployment
 therefore see the same pixels and the same metadata features.
 
@@ -28,13 +28,13 @@ from pathlib import Path
 import numpy as np
 
 from inference.preprocess import prepare_radiograph
-from inference.synthetic.dx import dx_dataset
-from inference.synthetic.radiograph import EVAL_SPACINGS, TRAIN_SPACINGS, render, sample_case
-from inference.training.metrics import (
+from training.metrics import (
     auroc,
     round4,
     sensitivity_specificity,
 )
+from training.synthetic.dx import dx_dataset
+from training.synthetic.radiograph import EVAL_SPACINGS, TRAIN_SPACINGS, render, sample_case
 
 FEATURE_NAMES: tuple[str, ...] = ("age_years", "age_known", "sex_male", "sex_female")
 CANVAS: tuple[int, int] = (256, 256)
@@ -50,7 +50,7 @@ AGE_BANDS: tuple[tuple[str, float, float], ...] = (
 
 # Appearance classes of the auxiliary training target: what a line looks
 # like, whatever it means. Normal anatomy and fractures share classes on
-# purpose; which one it is depends on age (see inference/synthetic/radiograph.py).
+# purpose; which one it is depends on age (see training/synthetic/radiograph.py).
 APPEARANCE_CLASSES: dict[str, tuple[str, ...]] = {
     "transverse_lucent_at_physis": ("physis", "physeal_fracture"),
     "sclerotic_line": ("arrest_line", "sclerotic_fracture", "physeal_scar"),

@@ -1,8 +1,8 @@
 """Head CT haemorrhage model: synthetic data through the runtime path, and evaluation.
 
 Every slice goes the way a real one goes at run time: the phantom
-(:mod:`inference.synthetic.headct`) is rendered, encoded as a CT Image
-Storage dataset (:mod:`inference.synthetic.ct`) and turned into model inputs
+(:mod:`training.synthetic.headct`) is rendered, encoded as a CT Image
+Storage dataset (:mod:`training.synthetic.ct`) and turned into model inputs
 by :func:`inference.preprocess.prepare_ct_slice`. Training, validation and
 evaluation therefore see the same pixels and the same metadata features as
 the plugin.
@@ -20,7 +20,7 @@ processes that render stay light.
 
 Usage::
 
-    python -m inference.training.evaluate_head_ct --model models/head-ct-haemorrhage \\
+    python -m training.evaluate_head_ct --model models/head-ct-haemorrhage \\
         --n-series 96 --seed 9103
 """
 
@@ -42,20 +42,20 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from inference.preprocess import fit_canvas, prepare_ct_slice
-from inference.synthetic.ct import ENCODINGS, ct_dataset
-from inference.synthetic.headct import (
+from training.metrics import (
+    auroc,
+    pearson,
+    round4,
+    sensitivity_specificity,
+)
+from training.synthetic.ct import ENCODINGS, ct_dataset
+from training.synthetic.headct import (
     Head,
     lesion_mask_slice,
     lesion_z_range,
     render_slice,
     sample_head,
     true_volume_ml,
-)
-from inference.training.metrics import (
-    auroc,
-    pearson,
-    round4,
-    sensitivity_specificity,
 )
 
 FEATURE_NAMES: tuple[str, ...] = (
@@ -98,7 +98,7 @@ class Acquisition:
     pixel_spacing_mm, matrix
         In-plane pixel size and rows = columns.
     encoding
-        Pixel encoding (:data:`inference.synthetic.ct.ENCODINGS`).
+        Pixel encoding (:data:`training.synthetic.ct.ENCODINGS`).
     pad_outside_circle
         Corners outside the reconstruction circle padded.
     hide_age, hide_sex

@@ -2,10 +2,10 @@
 
 Usage::
 
-    python -m inference.training.train_head_ct --out models/head-ct-haemorrhage [--seed N]
+    python -m training.train_head_ct --out models/head-ct-haemorrhage [--seed N]
 
 Everything is synthetic and made here: training and validation slices from
-many phantom heads (:mod:`inference.synthetic.headct`), each encoded as a CT
+many phantom heads (:mod:`training.synthetic.headct`), each encoded as a CT
 dataset and run through the plugin's preprocessing
 (:func:`inference.preprocess.prepare_ct_slice`), so training matches
 deployment. Two small 2D networks are trained as a paired comparison (see
@@ -47,8 +47,8 @@ from typing import Any
 
 import numpy as np
 
-from inference.training import evaluate_head_ct as ev
-from inference.training.metrics import auroc, youden_threshold
+from training import evaluate_head_ct as ev
+from training.metrics import auroc, youden_threshold
 
 MODEL_ID = "head-ct-haemorrhage"
 DEFAULT_SEED = 20261202
@@ -477,7 +477,7 @@ def write_readme(out: Path, card: dict[str, Any]) -> None:
     text = f"""# {card["name"]}
 
 **Demonstration only, not for clinical use.** Trained and tested only on
-synthetic head CT phantoms (`inference/synthetic/headct.py`); it has never
+synthetic head CT phantoms (`training/synthetic/headct.py`); it has never
 seen a patient image.
 
 - Model id `{card["id"]}`, version {card["version"]}, Keras 3 (`model.keras`);
@@ -637,13 +637,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_s = time.process_time() + usage.ru_utime + usage.ru_stime
     training = {
-        "script": "inference/training/train_head_ct.py",
-        "command": f"python -m inference.training.train_head_ct --out {out} --seed {args.seed}",
+        "script": "training/train_head_ct.py",
+        "command": f"python -m training.train_head_ct --out {out} --seed {args.seed}",
         "seed": args.seed,
         "data": (
-            "synthetic only: analytic head phantoms (inference/synthetic/headct.py) rendered "
+            "synthetic only: analytic head phantoms (training/synthetic/headct.py) rendered "
             "slice by slice with partial volume over 0.625-5 mm, encoded as CT Image Storage "
-            "(inference/synthetic/ct.py) and preprocessed by inference.preprocess."
+            "(training/synthetic/ct.py) and preprocessed by inference.preprocess."
             "prepare_ct_slice; PatientAge and PatientSex each left out of ~10 % of headers"
         ),
         "n_train_heads": args.train_heads,

@@ -8,11 +8,11 @@ import numpy as np
 import pydicom
 import pytest
 
-from inference.synthetic.ct import write_ct_series
-from inference.synthetic.headct import sample_head, true_volume_ml
 from inference.uids import derived_uid
 from tests.dicom_tools import dciodvfy_errors
 from tests.harness import OrthancAI, write_config
+from training.synthetic.ct import write_ct_series
+from training.synthetic.headct import sample_head, true_volume_ml
 
 MODEL = "head-ct-haemorrhage"
 

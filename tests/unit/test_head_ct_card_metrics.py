@@ -41,7 +41,7 @@ def card() -> dict:
 
 @pytest.fixture(scope="module")
 def stored() -> dict[str, np.ndarray]:
-    from inference.training.metrics import read_predictions
+    from training.metrics import read_predictions
 
     return read_predictions(MODEL_DIR / "held_out_series.csv")
 
@@ -65,7 +65,7 @@ def test_card_parses_and_weights_are_small(card: dict) -> None:
 def test_card_metrics_follow_from_the_per_series_results(
     card: dict, stored: dict[str, np.ndarray]
 ) -> None:
-    from inference.training.evaluate_head_ct import series_metrics
+    from training.evaluate_head_ct import series_metrics
 
     held = card["metrics"]["held_out"]
     abl = card["metrics"]["image_only_ablation"]
@@ -84,12 +84,12 @@ def test_card_metrics_follow_from_the_per_series_results(
 def test_shipped_weights_reproduce_the_first_held_out_series(
     card: dict, stored: dict[str, np.ndarray]
 ) -> None:
-    from inference.training.evaluate_head_ct import (
+    from training.evaluate_head_ct import (
         STREAM_HELD_OUT,
         load_models,
         run_series,
     )
-    from inference.training.metrics import auroc
+    from training.metrics import auroc
 
     seed = card["metrics"]["held_out"]["seed"]
     per = run_series(load_models(MODEL_DIR), seed, STREAM_HELD_OUT, N_RECHECK, workers=2)

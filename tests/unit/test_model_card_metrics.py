@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inference.training.evaluate import evaluate
-from inference.training.metrics import auroc, read_predictions
+from training.evaluate import evaluate
+from training.metrics import auroc, read_predictions
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "limb-fracture-xr"
 N_SMALL = 200

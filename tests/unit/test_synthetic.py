@@ -13,15 +13,15 @@ import pytest
 
 from inference.pixels import decode_frame, to_presentation
 from inference.preprocess import prepare_radiograph
-from inference.synthetic.dx import DX_FOR_PRESENTATION, dx_dataset, write_demo_studies
-from inference.synthetic.radiograph import (
+from training.evaluate import FEATURE_NAMES, heatmap_target
+from training.synthetic.dx import DX_FOR_PRESENTATION, dx_dataset, write_demo_studies
+from training.synthetic.radiograph import (
     EVAL_SPACINGS,
     TRAIN_SPACINGS,
     mean_bmd,
     render,
     sample_case,
 )
-from inference.training.evaluate import FEATURE_NAMES, heatmap_target
 
 DCIODVFY = Path(sys.executable).parent / "dciodvfy"
 

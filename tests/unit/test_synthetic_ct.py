@@ -11,8 +11,8 @@ import pydicom
 import pytest
 
 from inference.preprocess import prepare_ct_slice
-from inference.synthetic import ct, headct
 from tests.dicom_tools import dciodvfy_errors
+from training.synthetic import ct, headct
 
 FEATURES = ("age_years", "age_known", "sex_male", "sex_female", "slice_thickness")
 WINDOWS = ((40.0, 80.0), (80.0, 200.0))

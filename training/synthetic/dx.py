@@ -1,6 +1,6 @@
 """Digital X-Ray "For Presentation" DICOM objects from synthetic radiographs.
 
-``dx_dataset`` wraps a :class:`~inference.synthetic.radiograph.Rendered` image
+``dx_dataset`` wraps a :class:`~training.synthetic.radiograph.Rendered` image
 in a complete Digital X-Ray Image Storage - For Presentation instance
 (PS3.3 A.26, SOP Class 1.2.840.10008.5.1.4.1.1.1.1) that passes ``dciodvfy``
 without errors. ``write_demo_studies`` writes a few such studies for the demo.
