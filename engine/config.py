@@ -33,6 +33,9 @@ class AIConfig:
     queue_database: str = ""
     node_name: str = ""  # default: <hostname>:<HttpPort>
     lease_seconds: float = 30.0  # a claimed job whose worker stops renewing is due again
+    # A batch (or series job) still running after this long means a hung
+    # decoder or model: the worker exits, and the death counts as an attempt.
+    job_timeout_seconds: float = 900.0
     max_pixel_bytes: int = 1 << 30
     max_instance_bytes: int = 2 << 30
     tensorflow_threads: int = 0  # 0 lets TensorFlow decide
@@ -85,6 +88,7 @@ _KEYS = {
     "WorkerNice": "worker_nice",
     "NodeName": "node_name",
     "LeaseSeconds": "lease_seconds",
+    "JobTimeoutSeconds": "job_timeout_seconds",
     "Routing": "routing_rules",
 }
 _SPECIAL = {"routing_rules", "exclude_by_default"}
@@ -171,6 +175,8 @@ def parse_ai_section(section: Any) -> AIConfig:
             raise ConfigError(f"AI.{key} must be greater than 0")
     if config.max_attempts < 1:
         raise ConfigError("AI.MaxAttempts must be at least 1")
+    if config.job_timeout_seconds < 10:
+        raise ConfigError("AI.JobTimeoutSeconds must be at least 10")
     if config.lease_seconds < 2:
         raise ConfigError("AI.LeaseSeconds must be at least 2")
     if config.worker_nice > 19:

@@ -8,11 +8,21 @@ this works whatever the authentication settings are.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Protocol
 
 import requests
 
 from inference.errors import BadInput, SkipInput, TransientError
+
+
+def orthanc_instance_id(patient_id: str, study_uid: str, series_uid: str,
+                        sop_instance_uid: str) -> str:
+    """The ID Orthanc gives an instance: SHA-1 of its patient ID and three UIDs."""
+    digest = hashlib.sha1(
+        "|".join((patient_id.strip(), study_uid.strip(), series_uid.strip(),
+                  sop_instance_uid.strip())).encode()).hexdigest()
+    return "-".join(digest[i:i + 8] for i in range(0, 40, 8))
 
 
 class InstanceGone(SkipInput):

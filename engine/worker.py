@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ class Worker:
         self.follow = follow_changes
         self.wake = wake
         self.stop = stop
+        self.busy_since: float | None = None  # monotonic start of the current batch
 
     # -- the loop ------------------------------------------------------------
 
@@ -49,10 +51,14 @@ class Worker:
             t.start()
         while not self.stop.is_set():
             try:
-                if not self.step():
+                self.busy_since = time.monotonic()
+                worked = self.step()
+                self.busy_since = None
+                if not worked:
                     self.wake.wait(self.ctx.config.changes_poll_seconds)
                     self.wake.clear()
             except Exception:  # the loop itself must survive anything
+                self.busy_since = None
                 log.exception("orthanc-ai: worker error")
                 self.stop.wait(1.0)
 
@@ -139,6 +145,12 @@ class Worker:
         period = max(0.5, self.ctx.config.lease_seconds / 3)
         store = None
         while not self.stop.wait(period):
+            since = self.busy_since
+            if since is not None and time.monotonic() - since > self.ctx.config.job_timeout_seconds:
+                # A hung codec or model cannot be interrupted from Python: leave,
+                # and let the lease go, so the death counts against its input.
+                log.error("orthanc-ai: a batch ran over JobTimeoutSeconds; the worker exits")
+                os._exit(70)
             try:
                 if store is None:
                     from .stores import open_store
@@ -236,7 +248,7 @@ def build_context(boot: dict[str, Any]) -> Any:
     else:
         backend = InProcessBackend(intra_op_threads=ai.tensorflow_threads)
     ctx = Context(config=ai, source=source, store=store, backend=backend, registry=registry,
-                  router=router, sinks=[OrthancStoreSink(source)], metrics=WorkerMetrics(),
+                  router=router, sinks=[OrthancStoreSink(source, store)], metrics=WorkerMetrics(),
                   owner=f"{boot['node']}/{os.getpid()}", store_location=str(location))
     return ctx
 

@@ -11,8 +11,10 @@ import datetime as dt
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from pydicom.dataset import Dataset
+if TYPE_CHECKING:  # pydicom loads every codec (GDCM too): not in Orthanc's process
+    from pydicom.dataset import Dataset
 
 _AGE_RE = re.compile(r"^\s*(\d{1,3})\s*([DWMY])\s*$")
 _UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}

@@ -20,9 +20,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydicom.dataset import Dataset
+if TYPE_CHECKING:  # pydicom loads every codec (GDCM too): not in Orthanc's process
+    from pydicom.dataset import Dataset
 
 from .card import ModelCard
 from .errors import SkipInput

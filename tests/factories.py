@@ -82,3 +82,18 @@ def synthetic_dx(seed: int, *, fracture: bool | None = None, age: float | None =
     )
     kwargs.update(dx_kwargs)
     return dx_dataset(rendered, **kwargs)
+
+
+def gdcm_crashing_j2k(seed: int = 5000) -> Any:
+    """A DX whose JPEG 2000 frame is a start-of-codestream and SIZ marker
+    followed by 0xFF bytes: python-gdcm 3.2.6 throws a C++ string that nothing
+    catches, and the process that decodes it aborts (SIGABRT)."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless
+
+    ds = synthetic_dx(seed, fracture=False, age=40.0, sex="F")
+    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\xff" * 100])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    return ds

@@ -6,7 +6,8 @@ from typing import Any
 
 from inference.errors import BadInput
 
-from ..source import OrthancSource
+from ..source import OrthancSource, orthanc_instance_id
+from ..stores import InboxKind, JobStore
 from . import Report
 
 
@@ -16,11 +17,19 @@ class OrthancStoreSink:
 
     name = "orthanc"
 
-    def __init__(self, source: OrthancSource) -> None:
+    def __init__(self, source: OrthancSource, store: JobStore) -> None:
         self.source = source
+        self.store = store
 
     def deliver(self, report: Report) -> dict[str, Any]:
+        sr = report.sr
+        expected = orthanc_instance_id(str(sr.get("PatientID", "")), str(sr.StudyInstanceUID),
+                                       str(sr.SeriesInstanceUID), str(sr.SOPInstanceUID))
+        # Before the store: the stored-instance event it causes is then no work.
+        self.store.mark_triaged([(InboxKind.INSTANCE, expected)])
         answer = self.source.store(report.sr_bytes)
         if answer.get("ParentStudy") not in (None, report.study):
             raise BadInput("the SR was filed under another study than its source")
+        if answer.get("ID") != expected:  # Orthanc hashed other values: triage will see it
+            self.store.push_inbox([(InboxKind.INSTANCE, str(answer.get("ID")))])
         return {"sr_instance": answer.get("ID"), "sr_status": answer.get("Status")}

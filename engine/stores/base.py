@@ -180,6 +180,10 @@ class JobStore(Protocol):
     def push_inbox(self, items: list[tuple[InboxKind, str]], *, again: bool = False) -> None:
         """Queue items durably; ``again`` re-opens an item already triaged."""
 
+    def mark_triaged(self, items: list[tuple[InboxKind, str]]) -> None:
+        """Record items as already triaged (our own SR, before we store it), so
+        that their callback and change-log events cost nothing."""
+
     def add_changes(self, items: list[tuple[InboxKind, str]], cursor: int) -> None:
         """Queue change-log items and advance the cursor in one transaction."""
 

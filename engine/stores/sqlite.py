@@ -13,7 +13,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,9 @@ def _job(row: sqlite3.Row) -> Job:
     )
 
 
+_NO_LOCK = nullcontext()
+
+
 def _node(owner: str) -> str:
     return owner.rsplit("/", 1)[0]
 
@@ -101,8 +104,13 @@ class SqliteJobStore:
     def __init__(self, path: Path | str, *, busy_timeout: float = 30.0) -> None:
         self.path = Path(path)
         self.url = str(self.path)
+        # ":memory:" (unit tests): one connection shared by all threads.
+        self._memory = str(path) == ":memory:"
+        self._lock = threading.RLock()
+        self._shared: sqlite3.Connection | None = None
         self._busy_timeout = busy_timeout
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self._memory:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         conn = self._conn()
         columns = {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}
@@ -118,6 +126,12 @@ class SqliteJobStore:
         conn.executescript(_SCHEMA)  # executescript manages its own transaction
 
     def _conn(self) -> sqlite3.Connection:
+        if self._memory:
+            if self._shared is None:
+                self._shared = sqlite3.connect(":memory:", isolation_level=None,
+                                               check_same_thread=False)
+                self._shared.row_factory = sqlite3.Row
+            return self._shared
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = sqlite3.connect(self.path, timeout=self._busy_timeout,
@@ -136,14 +150,15 @@ class SqliteJobStore:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        with self._lock if self._memory else _NO_LOCK:
+            db = self._conn()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
 
     # -- jobs ----------------------------------------------------------------
 
@@ -284,6 +299,15 @@ class SqliteJobStore:
             db.executemany(
                 "INSERT INTO inbox (kind, resource, received) VALUES (?, ?, ?)"
                 f" ON CONFLICT(kind, resource) {conflict}",
+                [(InboxKind(k).value, r, now) for k, r in items],
+            )
+
+    def mark_triaged(self, items: list[tuple[InboxKind, str]]) -> None:
+        now = time.time()
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO inbox (kind, resource, received, done) VALUES (?, ?, ?, 1)"
+                " ON CONFLICT(kind, resource) DO UPDATE SET done=1",
                 [(InboxKind(k).value, r, now) for k, r in items],
             )
 
