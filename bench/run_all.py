@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
+from engine.config import PROJECT_ROOT
 from inference.backend import Batch, InProcessBackend
 from inference.card import ModelCard
 from inference.preprocess import prepare_radiograph
 from inference.report import sr_uids
-from engine.config import PROJECT_ROOT
 from tests.harness import STORESCU, OrthancAI, dx_corpus, write_config
 
 MODEL_ID = "limb-fracture-xr"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 END_TO_END_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
@@ -19,19 +20,21 @@ END_TO_END_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
 class WorkerMetrics:
     """What a worker counts (prometheus_client must see the folder before import)."""
 
-    def __init__(self) -> None:
-        from prometheus_client import Counter, Histogram
+    def __init__(self, registry: Any = None) -> None:
+        from prometheus_client import REGISTRY, Counter, Histogram
 
+        reg = registry if registry is not None else REGISTRY
         self.stage_seconds = Histogram(
             "orthanc_ai_stage_seconds", "Time per pipeline stage", ["stage"],
-            buckets=STAGE_BUCKETS)
+            buckets=STAGE_BUCKETS, registry=reg)
         self.finished = Counter(
-            "orthanc_ai_jobs_finished", "Jobs that reached a state", ["state"])
+            "orthanc_ai_jobs_finished", "Jobs that reached a state", ["state"], registry=reg)
         self.end_to_end = Histogram(
             "orthanc_ai_end_to_end_seconds", "From the instance being queued to its SR stored",
-            buckets=END_TO_END_BUCKETS)
+            buckets=END_TO_END_BUCKETS, registry=reg)
         self.worker_deaths = Counter(
-            "orthanc_ai_job_worker_deaths", "Jobs found running after their worker died")
+            "orthanc_ai_job_worker_deaths", "Jobs found running after their worker died",
+            registry=reg)
 
 
 def render(folder: Path, counts: Callable[[], dict[str, int]], inbox: Callable[[], int],

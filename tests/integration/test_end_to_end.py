@@ -10,10 +10,10 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
+from engine.config import PROJECT_ROOT
 from inference.backend import Batch, InProcessBackend
 from inference.card import ModelCard
 from inference.preprocess import prepare_radiograph
-from engine.config import PROJECT_ROOT
 from tests.dicom_tools import dciodvfy_errors
 from tests.factories import synthetic_dx
 

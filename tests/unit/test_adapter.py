@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import subprocess
 import sys
 
 import pytest
@@ -28,29 +29,47 @@ def load_adapter(tmp_path, monkeypatch):
     return load
 
 
+def _call(stub: StrictOrthanc, route: str, uri: str | None = None, method: str = "GET",
+          get: dict | None = None, groups: tuple = ()) -> RestOutput:
+    out = RestOutput()
+    stub.rest_callbacks[route](out, uri or route, method=method, get=get or {}, groups=groups)
+    return out
+
+
 def test_install_registers_callbacks_and_routes(load_adapter, tmp_path):
     stub, adapter = load_adapter({"ModelsDirectory": str(tmp_path / "no-models")})
     assert len(stub.stored_callbacks) == 1
     assert len(stub.change_callbacks) == 1
-    assert {"/ai/jobs", "/ai/models", "/ai/metrics"} <= set(stub.rest_callbacks)
+    assert {"/ai/jobs", "/ai/models", "/ai/health", "/ai/metrics"} <= set(stub.rest_callbacks)
     assert (tmp_path / "db" / "orthanc-ai" / "jobs.sqlite").exists()
 
 
-def test_stored_instance_callback_only_enqueues(load_adapter, tmp_path):
+def test_stored_instance_callback_only_enqueues_durably(load_adapter, tmp_path):
     stub, adapter = load_adapter({"ModelsDirectory": str(tmp_path)})
     stub.stored_callbacks[0](object(), "instance-1")
-    assert adapter._service._inbox.get_nowait()[:2] == ("instance", "instance-1")
-    assert adapter._service.store.counts()["queued"] == 0  # no work done in the callback
+    stub.stored_callbacks[0](object(), "instance-1")  # the same event twice: one row
+    store = adapter._plugin.store
+    assert store.inbox_size() == 1
+    (item,) = store.take_from_inbox("test/1", 10, 30)
+    assert (item.kind, item.resource) == ("instance", "instance-1")
+    assert store.counts()["queued"] == 0  # no work done in the callback
 
 
 def test_stored_instance_callback_never_raises(load_adapter, tmp_path, monkeypatch):
     stub, adapter = load_adapter({"ModelsDirectory": str(tmp_path)})
 
-    def broken(_):
+    def broken(*_args, **_kw):
         raise RuntimeError("queue broken")
 
-    monkeypatch.setattr(adapter._service, "enqueue", broken)
+    monkeypatch.setattr(adapter._plugin.inbox, "push_inbox", broken)
     stub.stored_callbacks[0](object(), "instance-1")  # must not raise into Orthanc
+
+
+def test_stable_series_is_queued(load_adapter, tmp_path):
+    stub, adapter = load_adapter({"ModelsDirectory": str(tmp_path)})
+    stub.change_callbacks[0](stub.ChangeType.STABLE_SERIES, 0, "series-1")
+    (item,) = adapter._plugin.store.take_from_inbox("test/1", 10, 30)
+    assert (item.kind, item.resource) == ("series", "series-1")
 
 
 def test_wrong_key_fails_loudly_naming_it(load_adapter):
@@ -64,49 +83,39 @@ def test_disabled_registers_nothing(load_adapter):
 
 
 def test_rest_routes_answer_json_and_check_method(load_adapter, tmp_path):
-    stub, adapter = load_adapter({"ModelsDirectory": str(tmp_path)})
-    out = RestOutput()
-    stub.rest_callbacks["/ai/jobs"](out, "/ai/jobs", method="GET", get={})
+    stub, _ = load_adapter({"ModelsDirectory": str(tmp_path)})
+    out = _call(stub, "/ai/jobs")
     assert out.status == 200 and json.loads(out.body) == []
-    out = RestOutput()
-    stub.rest_callbacks["/ai/jobs"](out, "/ai/jobs", method="DELETE", get={})
-    assert out.status == 405
-    out = RestOutput()
-    stub.rest_callbacks["/ai/jobs"](out, "/ai/jobs", method="GET", get={"state": "bogus"})
-    assert out.status == 400
-    out = RestOutput()
-    stub.rest_callbacks["/ai/metrics"](out, "/ai/metrics", method="GET", get={})
-    assert b"orthanc_ai_queue_depth" in out.body
+    assert _call(stub, "/ai/jobs", method="DELETE").status == 405
+    out = _call(stub, "/ai/metrics")
+    assert b"orthanc_ai_queue_depth" in out.body and b"orthanc_ai_workers" in out.body
+    models = json.loads(_call(stub, "/ai/models").body)
+    assert models["ready"] is False  # no worker has loaded anything yet
+    health = json.loads(_call(stub, "/ai/health").body)
+    assert health["queue"]["reachable"] is True and health["workers"] == []
 
 
-def test_stable_series_is_queued_for_series_models(load_adapter, tmp_path):
-    stub, adapter = load_adapter({"ModelsDirectory": str(tmp_path)})
-    stub.change_callbacks[0](stub.ChangeType.STABLE_SERIES, 0, "series-1")
-    assert adapter._service._inbox.get_nowait()[:2] == ("series", "series-1")
+@pytest.mark.parametrize("query", [
+    {"state": "bogus"}, {"limit": "0"}, {"limit": "-1"}, {"limit": "10001"}, {"limit": "x"},
+    {"since": "-5"}, {"since": "1e3"}, {"study": "not-an-id"}, {"instance": "../x"},
+    {"model": "a b"}, {"node": "x" * 300}, {"colour": "red"},
+])
+def test_job_list_parameters_are_checked(load_adapter, tmp_path, query):
+    stub, _ = load_adapter({"ModelsDirectory": str(tmp_path)})
+    out = _call(stub, "/ai/jobs", get=query)
+    assert out.status == 400 and json.loads(out.body)["error"]
 
 
-def test_workers_yield_to_a_burst_of_stores_but_not_to_one_image(load_adapter, tmp_path):
-    import time
-
-    _, adapter = load_adapter({"ModelsDirectory": str(tmp_path), "IngestQuietMs": 200,
-                               "IngestMaxDeferMs": 400})
-    service = adapter._service
-
-    def timed_yield() -> float:
-        t0 = time.monotonic()
-        service._yield_to_ingest()
-        return time.monotonic() - t0
-
-    service.enqueue("instance-1")
-    assert not service.in_ingest_burst()
-    assert timed_yield() < 0.05  # a single image is analysed at once
-    service.enqueue("instance-2")
-    assert service.in_ingest_burst()
-    assert 0.1 < timed_yield() < 0.35  # until 200 ms after the burst's first store
-    assert not service.in_ingest_burst()
-    # Endless ingest (stores always "just now"): the wait is capped.
-    service._arrivals.extend([time.monotonic() + 60, time.monotonic() + 60])
-    assert 0.35 < timed_yield() < 0.8
+@pytest.mark.parametrize(("route", "uri", "method", "group", "status"), [
+    ("/ai/jobs/([0-9]+)", "/ai/jobs/5", "GET", "5", 404),
+    ("/ai/jobs/([0-9]+)", "/ai/jobs/9", "GET", "9" * 30, 400),
+    ("/ai/jobs/([0-9]+)/retry", "/ai/jobs/5/retry", "POST", "5", 409),
+    ("/ai/jobs/([0-9]+)/retry", "/ai/jobs/9/retry", "POST", "9" * 25, 400),
+    ("/ai/studies/([^/]+)/reprocess", "/ai/studies/x/reprocess", "POST", "x';--", 400),
+])
+def test_routes_answer_4xx_never_500(load_adapter, tmp_path, route, uri, method, group, status):
+    stub, _ = load_adapter({"ModelsDirectory": str(tmp_path)})
+    assert _call(stub, route, uri, method=method, groups=(group,)).status == status
 
 
 def test_relative_storage_directory_is_read_like_orthanc(tmp_path, monkeypatch):
@@ -119,3 +128,18 @@ def test_relative_storage_directory_is_read_like_orthanc(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "plugin.adapter", raising=False)
     importlib.import_module("plugin.adapter").install()
     assert (tmp_path / "etc" / "db" / "orthanc-ai" / "jobs.sqlite").exists()
+
+
+def test_the_plugin_imports_nothing_heavy():
+    """Orthanc's interpreter gets no TensorFlow, no pixel codecs, no highdicom:
+    pydicom alone loads GDCM, so it stays out too."""
+    code = (
+        "import sys; from tests.orthanc_stub import StrictOrthanc;"
+        "sys.modules['orthanc'] = StrictOrthanc({'HttpPort': 1});"
+        "import plugin.adapter, plugin.routes, plugin.supervisor;"
+        "heavy = {'tensorflow', 'pydicom', 'highdicom', 'gdcm', 'numpy', 'PIL', 'pylibjpeg'};"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"

@@ -25,7 +25,9 @@ def test_values_are_parsed_and_paths_resolved():
         ({"Enabled": "yes"}, "AI.Enabled"),
         ({"ModelsDirectory": ""}, "AI.ModelsDirectory"),
         ({"MaxPixelBytes": -1}, "AI.MaxPixelBytes"),
-        ({"IngestQuietMs": -5}, "AI.IngestQuietMs"),
+        ({"IngestQuietMs": 300}, "AI.IngestQuietMs"),  # removed: the OS protects ingest
+        ({"LeaseSeconds": 1}, "AI.LeaseSeconds"),
+        ({"JobTimeoutSeconds": 5}, "AI.JobTimeoutSeconds"),
         ({"BatchSize": 0}, "AI.BatchSize"),
         ({"ChangesPollSeconds": 0}, "AI.ChangesPollSeconds"),
         ([], "JSON object"),

@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 from pydicom.dataset import Dataset
 
+from engine.config import ConfigError, parse_ai_section
 from inference.card import ModelCard
 from inference.errors import SkipInput
 from inference.routing import Router, RoutingError, Rule, default_exclusion, default_rules
-from engine.config import ConfigError, parse_ai_section
 from tests.factories import card_json, write_card
 
 
