@@ -130,9 +130,7 @@ class Plugin:
 
 
 def _fast_options(location: Any) -> dict[str, Any]:
-    if str(location).startswith(("postgresql://", "postgres://")):
-        return {"fast_enqueue": True}
-    return {"busy_timeout": 2.0}
+    return {"fast_enqueue": True, "busy_timeout": 2.0}
 
 
 _plugin: Plugin | None = None

@@ -24,7 +24,7 @@ def is_postgres_url(value: str) -> bool:
     return value.startswith(("postgresql://", "postgres://"))
 
 
-def open_store(location: str | Path, **options: float) -> JobStore:
+def open_store(location: str | Path, **options: float | bool) -> JobStore:
     """The store at ``location``: a ``postgresql://`` URL, or a SQLite file path."""
     if isinstance(location, str) and is_postgres_url(location):
         from .postgres import PostgresJobStore

@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -132,12 +132,10 @@ def redact_url(url: str) -> str:
     parts = urlsplit(url)
     userinfo, at, hosts = parts.netloc.rpartition("@")
     netloc = f"{userinfo.split(':', 1)[0]}@{hosts}" if at else parts.netloc
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        if any(k == "password" for k, _ in pairs):
-            query = urlencode([(k, v) for k, v in pairs if k != "password"])
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    query = "&".join(p for p in parts.query.split("&")
+                     if p and unquote(p.split("=", 1)[0]) != "password")
+    return (f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+            + (f"#{parts.fragment}" if parts.fragment else ""))
 
 
 def _inbox_rows(items: list[tuple[InboxKind, str]]) -> tuple[list[str], list[str]]:
@@ -160,7 +158,11 @@ class PostgresJobStore:
     def __init__(self, url: str, *, fast_enqueue: bool = False, busy_timeout: float = 30.0,
                  connect_timeout: float = 10.0) -> None:
         self.url = redact_url(url)
-        params = conninfo_to_dict(url)
+        try:
+            params = conninfo_to_dict(url)
+        except psycopg.Error:
+            # libpq's message may quote the faulty part, the password included.
+            raise ValueError(f"not a valid PostgreSQL URL: {self.url}") from None
         self._password = params.get("password") or None
         self._connect_args: dict[str, Any] = {}
         if "connect_timeout" not in params:
@@ -232,11 +234,11 @@ class PostgresJobStore:
                 yield conn
         except BaseException as e:
             if (conn.closed or conn.broken
-                    or conn.info.transaction_status != TransactionStatus.IDLE):
+                    or conn.info.transaction_status != TransactionStatus.IDLE
+                    # a standby now: connect again, maybe to the new primary
+                    or isinstance(e, psycopg.errors.ReadOnlySqlTransaction)):
                 self._drop(conn)
             if isinstance(e, _TRANSIENT):
-                if isinstance(e, psycopg.errors.ReadOnlySqlTransaction):
-                    self._drop(conn)  # connect again: maybe to the new primary
                 raise self._transient(e) from e
             raise
 
@@ -403,6 +405,17 @@ class PostgresJobStore:
                     " received=excluded.received" if again else "DO NOTHING")
         with self._db() as db:  # one statement: one round trip, for the callback
             db.execute(_INSERT_INBOX + conflict, (time.time(), kinds, resources))
+
+    def mark_triaged(self, items: list[tuple[InboxKind, str]]) -> None:
+        if not items:
+            return
+        kinds, resources = _inbox_rows(items)
+        with self._db() as db:
+            db.execute(
+                'INSERT INTO inbox (kind, resource, received, done)'
+                ' SELECT t.kind, t.resource, %s, true FROM unnest(%s::text[], %s::text[])'
+                ' AS t(kind, resource) ON CONFLICT (kind, resource) DO UPDATE SET done=true',
+                (time.time(), kinds, resources))
 
     def add_changes(self, items: list[tuple[InboxKind, str]], cursor: int) -> None:
         now = time.time()

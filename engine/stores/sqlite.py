@@ -17,6 +17,8 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
+from inference.errors import TransientError
+
 from .base import (
     DIED_REASON,
     INBOX_DONE_KEEP_SECONDS,
@@ -101,7 +103,9 @@ def _node(owner: str) -> str:
 class SqliteJobStore:
     """Thread-safe: one connection per thread."""
 
-    def __init__(self, path: Path | str, *, busy_timeout: float = 30.0) -> None:
+    def __init__(self, path: Path | str, *, busy_timeout: float = 30.0,
+                 fast_enqueue: bool = False) -> None:
+        # fast_enqueue: WAL commits never wait for the disk here (synchronous=NORMAL).
         self.path = Path(path)
         self.url = str(self.path)
         # ":memory:" (unit tests): one connection shared by all threads.
@@ -152,7 +156,10 @@ class SqliteJobStore:
     def _tx(self) -> Iterator[sqlite3.Connection]:
         with self._lock if self._memory else _NO_LOCK:
             db = self._conn()
-            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:  # the write lock stayed taken
+                raise TransientError(f"the job store {self.url} is busy: {exc}") from exc
             try:
                 yield db
             except BaseException:
