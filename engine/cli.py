@@ -27,12 +27,16 @@ from inference.routing import RoutingError
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 PLUGIN_DIR = Path("/usr/share/orthanc/plugins")
 PLUGINS = ("libOrthancPython.so", "libOrthancDicomWeb.so")
+# Orthanc's own index and storage in PostgreSQL (Debian orthanc-postgresql),
+# loaded when the configuration has a PostgreSQL section: how nodes share one archive.
+POSTGRESQL_PLUGINS = ("libOrthancPostgreSQLIndex.so", "libOrthancPostgreSQLStorage.so")
 STORESCU = "/usr/bin/storescu"  # dcmtk's, not pynetdicom's script of the same name
 
 
 def orthanc_config(base: dict[str, Any], data: Path, http_port: int, dicom_port: int) -> dict:
     """The configuration `serve` runs: the user's, with our paths and ports."""
     config = dict(base)
+    plugins = PLUGINS + (POSTGRESQL_PLUGINS if "PostgreSQL" in base else ())
     storage = data / "orthanc-db"
     config.update(
         {
@@ -41,7 +45,7 @@ def orthanc_config(base: dict[str, Any], data: Path, http_port: int, dicom_port:
             "HttpPort": http_port,
             "DicomPort": dicom_port,
             "RemoteAccessAllowed": False,
-            "Plugins": [str(PLUGIN_DIR / p) for p in PLUGINS if (PLUGIN_DIR / p).exists()],
+            "Plugins": [str(PLUGIN_DIR / p) for p in plugins if (PLUGIN_DIR / p).exists()],
             "PythonScript": str(PROJECT_ROOT / "plugin" / "entry.py"),
         }
     )

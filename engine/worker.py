@@ -80,8 +80,7 @@ class Worker:
             else:
                 series_job.run(ctx, job)
             return True
-        items = ctx.store.take_from_inbox(ctx.owner, ctx.config.batch_size,
-                                          ctx.config.lease_seconds)
+        items = self._take_batch()
         if not items:
             return False
         instance_jobs, series_jobs = [], []
@@ -96,6 +95,23 @@ class Worker:
             for job, _ in series_jobs:
                 series_job.run(ctx, job)
         return True
+
+    def _take_batch(self) -> list[Any]:
+        """Up to BatchSize inbox items, waiting at most BatchWaitMs to fill the batch."""
+        ctx = self.ctx
+        size, lease = ctx.config.batch_size, ctx.config.lease_seconds
+        items = ctx.store.take_from_inbox(ctx.owner, size, lease)
+        if not items or ctx.config.batch_wait_ms <= 0:
+            return items
+        deadline = time.monotonic() + ctx.config.batch_wait_ms / 1000.0
+        while len(items) < size and not self.stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self.wake.wait(min(left, 0.05))
+            self.wake.clear()
+            items += ctx.store.take_from_inbox(ctx.owner, size - len(items), lease)
+        return items
 
     def _triage(self, item: Any) -> list[tuple[Any, Any]]:
         """Triage one inbox item, create its jobs, claim them; ack the row."""

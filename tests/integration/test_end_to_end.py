@@ -218,7 +218,7 @@ def test_reprocessing_a_study_keeps_one_sr_per_image_and_model_version(server, s
     study = jobs[0]["study"]
     before = server.get(f"/studies/{study}/instances")
     answer = server.post(f"/ai/studies/{study}/reprocess")
-    assert answer["instances"] == len(before)
+    assert answer == {"study": study, "queued": True}
     import time
 
     time.sleep(3)  # let the workers decide again
@@ -226,4 +226,7 @@ def test_reprocessing_a_study_keeps_one_sr_per_image_and_model_version(server, s
     assert len([j for j in server.jobs(instance=ids[0]) if j["model"]]) == 1
     assert server.get(f"/studies/{study}/instances") == before  # no new SR
     r = server.http.post(server.url + "/ai/studies/not-a-study/reprocess", timeout=10)
+    assert r.status_code == 400
+    r = server.http.post(server.url + f"/ai/studies/{'0' * 8}{'-00000000' * 4}/reprocess",
+                         timeout=10)
     assert r.status_code == 404
