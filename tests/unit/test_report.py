@@ -1,17 +1,44 @@
-"""The SR: valid (dciodvfy), complete (TID 1500 content), deterministic."""
+"""The SR: valid (dciodvfy), complete (TID 1500 content), deterministic.
 
+Also: invalid values in the source's patient, study and equipment modules
+give a valid SR with a note each, and the cached (fast) build equals a direct
+highdicom build element by element.
+"""
+
+import copy
 import datetime as dt
+import io
+import re
+import struct
+import subprocess
 
 import highdicom as hd
+import numpy as np
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
+from pydicom import config
+from pydicom.data import get_charset_files, get_testdata_file
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.valuerep import DSdecimal
 
+from inference import report
 from inference.card import ModelCard
+from inference.errors import BadInput
 from inference.postprocess import Finding, Region
-from inference.report import build_sr, device_uid, sr_uids
-from tests.dicom_tools import dciodvfy_errors
+from inference.report import build_sr, build_sr_highdicom, device_uid, sr_uids
+from tests.dicom_tools import DCIODVFY, dciodvfy_errors
 from tests.factories import card_json, write_card
+
+try:  # the synthetic phantoms moved from inference/ to training/
+    from training.synthetic.ct import ct_dataset
+    from training.synthetic.dx import dx_dataset
+    from training.synthetic.radiograph import render, sample_case
+except ImportError:  # pragma: no cover - older tree
+    from inference.synthetic.ct import ct_dataset
+    from inference.synthetic.dx import dx_dataset
+    from inference.synthetic.radiograph import render, sample_case
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +144,430 @@ def test_cached_iod_pixel_check_answers_like_highdicom():
                       "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.7"):
         assert templates.does_iod_have_pixel_data(sop_class) == \
             standard.does_iod_have_pixel_data(sop_class)
+
+
+
+# --------------------------------------------------------------------------
+# Sources with invalid values: the SR carries only valid ones, says so, and
+# passes dciodvfy.
+
+NOW = dt.datetime(2026, 1, 2, 3, 4, 5)
+POSITIVE = [Finding(0.87, 0.5, Region(100.0, 200.0, 180.5, 260.25))]
+ABSENT = "<absent>"
+CLOCK = ("InstanceCreationDate", "InstanceCreationTime", "ContributionDateTime")
+NOTE = re.compile(r"note: source [A-Za-z]+ (normalised|invalid, left empty|invalid, left out"
+                  r"|left out with its module|invalid, 1 used)")
+
+
+@pytest.fixture(scope="module")
+def dx():
+    """A synthetic DX header (no pixel data: the SR needs none) with valid values."""
+    rng = np.random.default_rng(3)
+    rendered = render(sample_case(rng, fracture=True, age_years=45.0, sex="F"), rng)
+    ds = dx_dataset(rendered, patient_id="P1", patient_name="TEST^PATIENT", patient_sex="F",
+                    patient_age_years=45.0, study_uid="1.2.826.0.1.3680043.8.498.100",
+                    series_uid="1.2.826.0.1.3680043.8.498.101",
+                    sop_uid="1.2.826.0.1.3680043.8.498.102", accession_number="ACC1",
+                    birth_date="19800101")
+    del ds.PixelData
+    ds.ReferringPhysicianName = "REF^DOC"
+    return ds
+
+
+@pytest.fixture(scope="module")
+def ct():
+    return ct_dataset(
+        np.zeros((16, 16), np.int16), pixel_spacing_mm=0.45, image_position=(-3.6, -3.6, 40.0),
+        slice_thickness_mm=5.0, patient_id="CT1", patient_name="CT^PATIENT", patient_sex="M",
+        patient_age_years=70.0, study_uid="1.2.826.0.1.3680043.8.498.110",
+        series_uid="1.2.826.0.1.3680043.8.498.111", sop_uid="1.2.826.0.1.3680043.8.498.112",
+        frame_of_reference_uid="1.2.826.0.1.3680043.8.498.113", instance_number=9,
+        spacing_between_slices_mm=5.0,
+    )
+
+
+def _raw(tag: int, value) -> RawDataElement:
+    """An element as a modality wrote it: bytes, not checked by anybody."""
+    vr = dictionary_VR(tag)
+    if isinstance(value, int):
+        data = struct.pack("<H", value)
+    else:
+        data = value if isinstance(value, bytes) else \
+            "\\".join(value if isinstance(value, list) else [value]).encode("latin-1")
+        if len(data) % 2:
+            data += b" "
+    return RawDataElement(tag, vr, len(data), data, 0, False, True)
+
+
+def _source(base: Dataset, changes: dict) -> Dataset:
+    """``base`` with ``changes`` (None deletes), written to a file and read back."""
+    ds = copy.deepcopy(base)
+    for keyword, value in changes.items():
+        tag = tag_for_keyword(keyword)
+        if value is None:
+            if tag in ds:
+                del ds[tag]
+        elif isinstance(value, DataElement | RawDataElement):
+            ds[tag] = value
+        else:
+            ds[tag] = _raw(tag, value)
+    buffer = io.BytesIO()
+    mode = config.settings.writing_validation_mode
+    config.settings.writing_validation_mode = config.IGNORE
+    try:
+        ds.save_as(buffer, enforce_file_format=True)
+    finally:
+        config.settings.writing_validation_mode = mode
+    return pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+
+
+def _errors(path) -> list[str]:
+    """dciodvfy's error lines; its output may quote values in any character set."""
+    proc = subprocess.run([DCIODVFY, str(path)], capture_output=True, timeout=60)
+    lines = (proc.stdout + proc.stderr).decode("utf-8", "replace").splitlines()
+    return [line for line in lines if line.startswith("Error")]
+
+
+def _parameters(back: Dataset) -> list[str]:
+    return [str(i.TextValue) for i in _items(back) if i.get("ValueType") == "TEXT"
+            and i.ConceptNameCodeSequence[0].CodeValue == "111002"]
+
+
+def _text(value) -> object:
+    if value is None:
+        return ""
+    if isinstance(value, pydicom.multival.MultiValue | list):
+        return [str(v) for v in value]
+    return str(value)
+
+
+def _root(keyword):
+    return lambda back: _text(back[keyword].value) if keyword in back else ABSENT
+
+
+def _acquisition_equipment(keyword):
+    def get(back):
+        items = [i for i in back.ContributingEquipmentSequence
+                 if i.PurposeOfReferenceCodeSequence[0].CodeValue == "109101"]
+        if not items:
+            return "<no item>"
+        return _text(items[0][keyword].value) if keyword in items[0] else ABSENT
+    return get
+
+
+def _library(meaning):
+    def get(back):
+        found = [i for i in _items(back) if i.get("RelationshipType") == "HAS ACQ CONTEXT"
+                 and i.ConceptNameCodeSequence[0].CodeMeaning == meaning]
+        if not found:
+            return ABSENT
+        item = found[0]
+        if item.ValueType == "TEXT":
+            return str(item.TextValue)
+        if item.ValueType == "CODE":
+            return str(item.ConceptCodeSequence[0].CodeValue)
+        return str(item.MeasuredValueSequence[0].NumericValue)
+    return get
+
+
+def _lower_case_cs_item() -> Dataset:
+    item = Dataset()
+    item.PatientID = "OTHER1"
+    item.add(DataElement(0x00100022, "CS", "text", validation_mode=config.IGNORE))
+    return item
+
+
+# (id, changes to the source, where to look in the SR, expected value there,
+#  expected note after "note: source <keyword> " or None for no note)
+BAD_VALUES = [
+    ("sex X", {"PatientSex": "X"}, "PatientSex", "", "invalid, left empty"),
+    ("sex U", {"PatientSex": "U"}, "PatientSex", "", "invalid, left empty"),
+    ("sex male", {"PatientSex": "male"}, "PatientSex", "M", "normalised"),
+    ("sex lower-case", {"PatientSex": "m"}, "PatientSex", "M", "normalised"),
+    ("sex Female padded", {"PatientSex": " Female"}, "PatientSex", "F", "normalised"),
+    ("sex absent", {"PatientSex": None}, "PatientSex", "", None),
+    ("age without unit", {"PatientAge": "45"}, "PatientAge", "045Y", "normalised"),
+    ("age with space", {"PatientAge": "45 Y"}, "PatientAge", "045Y", "normalised"),
+    ("age lower-case unit", {"PatientAge": "3m"}, "PatientAge", "003M", "normalised"),
+    ("age padded", {"PatientAge": "045Y "}, "PatientAge", "045Y", None),  # padding is no error
+    ("age padded in memory",
+     {"PatientAge": DataElement(0x00101010, "AS", "045Y ", validation_mode=config.IGNORE)},
+     "PatientAge", "045Y", None),
+    ("age too large", {"PatientAge": "1000Y"}, "PatientAge", ABSENT, "invalid, left out"),
+    ("age decimal", {"PatientAge": "45.5"}, "PatientAge", ABSENT, "invalid, left out"),
+    ("birth date 30 Feb", {"PatientBirthDate": "19400230"}, "PatientBirthDate", "",
+     "invalid, left empty"),
+    ("birth date ISO", {"PatientBirthDate": "1940-03-05"}, "PatientBirthDate", "19400305",
+     "normalised"),
+    ("birth date text", {"PatientBirthDate": "unknown"}, "PatientBirthDate", "",
+     "invalid, left empty"),
+    ("study date ACR-NEMA", {"StudyDate": "2004.08.26"}, "StudyDate", "20040826", "normalised"),
+    ("study date month 13", {"StudyDate": "20041326"}, "StudyDate", "", "invalid, left empty"),
+    ("study date range", {"StudyDate": "20040826-"}, "StudyDate", "", "invalid, left empty"),
+    ("study date absent", {"StudyDate": None}, "StudyDate", "", None),
+    ("study time colons", {"StudyTime": "18:50:59"}, "StudyTime", "185059", "normalised"),
+    ("study time hour 25", {"StudyTime": "256000"}, "StudyTime", "", "invalid, left empty"),
+    ("study time 7 decimals", {"StudyTime": "185059.1234567"}, "StudyTime", "",
+     "invalid, left empty"),
+    ("accession too long", {"AccessionNumber": "ACCESSION-NUMBER-17"}, "AccessionNumber", "",
+     "invalid, left empty"),
+    ("study id too long", {"StudyID": "STUDY-ID-IS-TOO-LONG"}, "StudyID", "",
+     "invalid, left empty"),
+    ("name 6 components", {"PatientName": "Doe^John^A^B^C^D"}, "PatientName", "",
+     "invalid, left empty"),
+    ("name trailing carets", {"PatientName": "Doe^John^^^^"}, "PatientName", "Doe^John",
+     "normalised"),
+    ("name 4 groups", {"PatientName": "DOE^JOHN=A=B=C"}, "PatientName", "",
+     "invalid, left empty"),
+    ("name two values", {"PatientName": "Doe^John\\Roe^Jane"}, "PatientName", "",
+     "invalid, left empty"),
+    ("name group too long", {"PatientName": "Doe^" + "J" * 70}, "PatientName", "",
+     "invalid, left empty"),
+    ("name control char", {"PatientName": "Doe^Jo\x01hn"}, "PatientName", "",
+     "invalid, left empty"),
+    ("name as LO", {"PatientName": RawDataElement(0x00100010, "LO", 8, b"Doe^John", 0,
+                                                   False, True)},
+     "PatientName", "Doe^John", "normalised"),
+    ("referring physician too long", {"ReferringPhysicianName": "R" * 70},
+     "ReferringPhysicianName", "", "invalid, left empty"),
+    ("weight with unit", {"PatientWeight": "70kg"}, "PatientWeight", ABSENT,
+     "invalid, left out"),
+    ("weight decimal comma", {"PatientWeight": "70,5"}, "PatientWeight", ABSENT,
+     "invalid, left out"),
+    ("weight too long", {"PatientWeight": "70.000000000000001"}, "PatientWeight", "70.0",
+     "normalised"),
+    ("pregnancy status 7", {"PregnancyStatus": 7}, "PregnancyStatus", ABSENT,
+     "invalid, left out"),
+    ("identity removed maybe", {"PatientIdentityRemoved": "MAYBE"}, "PatientIdentityRemoved",
+     ABSENT, "invalid, left out"),
+    ("other ids sequence", {"OtherPatientIDsSequence": DataElement(
+        0x00101002, "SQ", [_lower_case_cs_item()])}, "OtherPatientIDsSequence", ABSENT,
+     "invalid, left out"),
+    ("trial sponsor too long", {"ClinicalTrialSponsorName": "S" * 70,
+                                "ClinicalTrialProtocolID": "PROTO1",
+                                "ClinicalTrialProtocolName": "Trial one",
+                                "ClinicalTrialSiteID": "SITE1", "ClinicalTrialSiteName": "Ward 3",
+                                "ClinicalTrialSubjectID": "SUBJ1"},
+     "ClinicalTrialProtocolID", ABSENT, "left out with its module"),
+    ("institution too long", {"InstitutionName": "Institution " * 6}, "InstitutionName",
+     ABSENT, "invalid, left out"),
+    ("station too long", {"StationName": "STATION-NAME-TOO-LONG"},
+     _acquisition_equipment("StationName"), ABSENT, "invalid, left out"),
+    ("manufacturer control char", {"Manufacturer": "Vendor\x02Inc"},
+     _acquisition_equipment("Manufacturer"), "<no item>", "invalid, left out"),
+    ("acquisition date-time invalid", {"AcquisitionDateTime": "20041399"},
+     _acquisition_equipment("ContributionDateTime"), ABSENT, "invalid, left out"),
+    ("instance number text", {"InstanceNumber": "abc"}, "InstanceNumber", "1",
+     "invalid, left out"),
+    ("instance number zero", {"InstanceNumber": "0"}, "InstanceNumber", "1",
+     "invalid, 1 used"),
+    ("modality lower-case", {"Modality": "dx"}, _library("Modality"), "DX", "normalised"),
+    ("orientation lower-case", {"PatientOrientation": ["l", "f"]},
+     _library("Patient Orientation Row"), "L", "normalised"),
+    ("orientation one value", {"PatientOrientation": "L"}, _library("Patient Orientation Row"),
+     ABSENT, "invalid, left out"),
+    ("imager spacing text", {"ImagerPixelSpacing": ["abc", "def"]},
+     _library("Horizontal Pixel Spacing"), ABSENT, "invalid, left out"),
+]
+
+
+def _keyword(changes: dict, where) -> str:
+    return where if isinstance(where, str) else next(iter(changes))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom, reading the invalid source
+@pytest.mark.parametrize(("changes", "where", "expected", "note"),
+                         [c[1:] for c in BAD_VALUES], ids=[c[0] for c in BAD_VALUES])
+def test_invalid_source_value_gives_a_valid_sr_with_a_note(card, dx, tmp_path, changes, where,
+                                                           expected, note):
+    source = _source(dx, changes)
+    sr = build_sr(source, card, POSITIVE, now=NOW)
+    path, back = _save_and_read(sr, tmp_path)
+    keyword = _keyword(changes, where)
+    get = _root(where) if isinstance(where, str) else where
+    assert get(back) == expected
+    params = _parameters(back)
+    source_notes = {p for p in params if p.startswith("note: source ")}
+    if note is None:
+        assert not source_notes
+    else:
+        assert f"note: source {keyword} {note}" in source_notes
+    assert all(NOTE.fullmatch(p) for p in source_notes)  # a keyword, never a value
+    for value in changes.values():
+        if isinstance(value, str) and len(value) >= 4:
+            assert not any(value.strip() in p for p in params)
+    assert _errors(path) == []
+    direct = build_sr_highdicom(source, card, POSITIVE, now=NOW)
+    assert _differences(sr, direct) == []
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize(("charset", "name", "expected_charset"), [
+    ("ISO_IR 999", b"M\xfcller^Hans", "ISO_IR 192"),  # unknown term: UTF-8 holds any text
+    ("latin1", b"M\xfcller^Hans", "ISO_IR 100"),  # Python's name for it
+    ("ISO_IR100", b"M\xfcller^Hans", "ISO_IR 100"),  # misspelt
+    ("iso_ir 100", b"M\xfcller^Hans", "ISO_IR 100"),
+    ("ISO 2022 IR 100", b"M\xfcller^Hans", "ISO_IR 100"),  # code extension alone
+    ("UTF-8", "Müller^Hans".encode(), "ISO_IR 192"),
+    ("ISO_IR 6", b"Mueller^Hans", ABSENT),  # no such term: the default repertoire
+    (None, b"M\xfcller^Hans", "ISO_IR 192"),  # non-ASCII text without a character set
+    ("ISO_IR 999", b"Mueller^Hans", ABSENT),
+], ids=["unknown", "python-name", "no-space", "lower-case", "extension-alone", "utf-8",
+        "iso-ir-6", "missing", "unknown-ascii"])
+def test_invalid_character_set_is_normalised(card, dx, tmp_path, charset, name,
+                                             expected_charset):
+    changes = {"PatientName": name, "SpecificCharacterSet": charset}
+    source = _source(dx, changes)
+    sr = build_sr(source, card, POSITIVE, now=NOW)
+    path, back = _save_and_read(sr, tmp_path)
+    assert _root("SpecificCharacterSet")(back) == expected_charset
+    assert str(back.PatientName) == str(source.PatientName)
+    assert "note: source SpecificCharacterSet normalised" in _parameters(back)
+    assert _errors(path) == []
+    assert _differences(sr, build_sr_highdicom(source, card, POSITIVE, now=NOW)) == []
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("path", [p for p in sorted(get_charset_files("chr*.dcm"))
+                                  if "SQEncoding" not in p],
+                         ids=lambda p: p.rsplit("/", 1)[-1])
+def test_character_sets_of_real_files_survive(card, tmp_path, path):
+    """pydicom's character set samples: the name comes back as it was, in a valid SR."""
+    source = pydicom.dcmread(path)
+    sr = build_sr(source, card, [Finding(0.2, 0.5, None)], now=NOW)
+    out, back = _save_and_read(sr, tmp_path)
+    assert str(back.PatientName) == str(source.PatientName)
+    assert _errors(out) == []
+    direct = build_sr_highdicom(source, card, [Finding(0.2, 0.5, None)], now=NOW)
+    assert _differences(sr, direct) == []
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize(("changes", "reason"), [
+    ({"SOPInstanceUID": None}, "SOPInstanceUID"),
+    ({"SeriesInstanceUID": "1.2.03.4"}, "SeriesInstanceUID"),
+    ({"StudyInstanceUID": "1.2.3." + "4" * 70}, "StudyInstanceUID"),
+    ({"SOPClassUID": "1.2.3.4"}, "SOP Class"),
+    # Orthanc and the PACS file by PatientID: another one would mean another patient.
+    ({"PatientID": "SECRETID" * 9}, "PatientID"),
+    ({"PatientID": "ID\x07ONE"}, "PatientID"),
+])
+def test_unreferenceable_source_is_bad_input(card, dx, changes, reason):
+    with pytest.raises(BadInput, match=reason) as raised:
+        build_sr(_source(dx, changes), card, POSITIVE)
+    assert "SECRET" not in raised.value.reason
+
+
+def test_sr_highdicom_refuses_is_bad_input_not_a_retry(card, dx):
+    nan_volume = [Finding(0.9, 0.5, None, volume_ml=float("nan"))]
+    with pytest.raises(BadInput, match="no valid SR"):
+        build_sr(dx, card, nan_volume)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_no_patient_data_in_notes_or_logs(card, dx, tmp_path, caplog):
+    secret = {"PatientBirthDate": "SECRET-DATE", "PatientName": "Secretname^" + "X" * 70,
+              "PatientAge": "45 years", "StudyTime": "25:61"}
+    source = _source(dx, secret)
+    with caplog.at_level("DEBUG", logger="inference.report"):
+        sr = build_sr(source, card, POSITIVE, now=NOW)
+    _, back = _save_and_read(sr, tmp_path)
+    logged = caplog.text + " ".join(_parameters(back))
+    for value in ("SECRET", "Secretname", "45 years", "25:61"):
+        assert value not in logged
+    assert {"PatientBirthDate", "PatientName", "PatientAge", "StudyTime"} <= {
+        m.split()[2] for m in _parameters(back) if m.startswith("note: source")}
+
+
+# --------------------------------------------------------------------------
+# The cached build equals highdicom's, element by element.
+
+
+def _differences(a: Dataset, b: Dataset, path: str = "") -> list[str]:
+    """Where two datasets differ (tags, VRs, values, value types), but for the clock."""
+    found = []
+    if path == "":
+        found += _differences(a.file_meta, b.file_meta, "file_meta")
+    tags_a, tags_b = set(a.keys()), set(b.keys())
+    if tags_a != tags_b:
+        found.append(f"{path}: only in one: {sorted(tags_a ^ tags_b)}")
+    for tag in sorted(tags_a & tags_b):
+        x, y = a[tag], b[tag]
+        here = f"{path}/{x.keyword or tag}"
+        if x.keyword in CLOCK:
+            continue
+        if x.VR != y.VR:
+            found.append(f"{here}: VR {x.VR} != {y.VR}")
+        elif x.VR == "SQ":
+            if len(x.value) != len(y.value):
+                found.append(f"{here}: {len(x.value)} items != {len(y.value)}")
+            for i, (p, q) in enumerate(zip(x.value, y.value, strict=False)):
+                found += _differences(p, q, f"{here}[{i}]")
+        elif x.value != y.value or type(x.value) is not type(y.value):
+            found.append(f"{here}: {x.value!r} != {y.value!r}")
+    return found
+
+
+def _bytes(sr: Dataset) -> bytes:
+    sr = copy.deepcopy(sr)
+    sr.InstanceCreationDate, sr.InstanceCreationTime = "20260102", "030405"
+    for item in sr.ContributingEquipmentSequence:
+        if "ContributionDateTime" in item and item.Manufacturer.startswith("Highdicom"):
+            item.ContributionDateTime = "20260102030405"
+    buffer = io.BytesIO()
+    sr.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _no_slice_thickness(ct: Dataset) -> Dataset:
+    ds = copy.deepcopy(ct)
+    del ds.SliceThickness
+    return ds
+
+
+def _decimal_spacing(dx: Dataset) -> Dataset:
+    ds = copy.deepcopy(dx)
+    ds.ImagerPixelSpacing = [DSdecimal("0.15"), DSdecimal("0.15")]
+    return ds
+
+
+@pytest.mark.parametrize(("source_name", "findings", "kwargs"), [
+    ("dx", POSITIVE, {"missing_inputs": ["age"]}),
+    ("dx", [Finding(0.12, 0.5, None)], {"notes": ["one", "two"]}),
+    ("dx", [Finding(0.7, 0.5, None)], {}),  # positive, not located
+    ("ct", [Finding(0.95, 0.5, None, volume_ml=12.5)], {"uids": ("1.2.3.4", "1.2.3.5")}),
+    ("ct", [Finding(0.2, 0.5, None, volume_ml=0.0)], {}),
+    ("rg1", POSITIVE, {}),  # CR without ImagerPixelSpacing: no image library
+    ("dx", [*POSITIVE, Finding(0.3, 0.5, None, volume_ml=1.25)], {"notes": ["x"]}),
+    ("ct-no-slice-thickness", [Finding(0.95, 0.5, None, volume_ml=3.0)], {}),
+    ("dx-decimal-spacing", POSITIVE, {}),  # unusual values: highdicom decides on the library
+    ("dx", POSITIVE, {"predecessor": "previous"}),
+], ids=["dx-positive", "dx-negative", "dx-unlocated", "ct-volume", "ct-negative", "cr-positive",
+        "two-findings", "ct-no-slice-thickness", "dx-decimal-spacing", "revision"])
+def test_fast_build_equals_highdicom(card, dx, ct, source, source_name, findings, kwargs):
+    sources = {"dx": dx, "ct": ct, "rg1": source, "ct-no-slice-thickness": _no_slice_thickness(ct),
+               "dx-decimal-spacing": _decimal_spacing(dx)}
+    src = sources[source_name]
+    if kwargs.get("predecessor") == "previous":
+        kwargs = {**kwargs, "predecessor": build_sr(src, card, [Finding(0.1, 0.5, None)],
+                                                    now=NOW)}
+    fast = build_sr(src, card, findings, now=NOW, **kwargs)
+    direct = build_sr_highdicom(src, card, findings, now=NOW, **kwargs)
+    assert isinstance(fast, report._TemplatedComprehensive3DSR)  # the fast path was taken
+    assert type(direct) is hd.sr.Comprehensive3DSR
+    assert _differences(fast, direct) == []
+    assert _bytes(fast) == _bytes(direct)
+    assert type(fast.content) is type(direct.content)
+    assert _differences(fast.content[0], direct.content[0], "content") == []
+
+
+def test_cached_template_is_not_shared_between_srs(card, dx):
+    first = build_sr(dx, card, [Finding(0.87, 0.5, Region(1.0, 2.0, 3.0, 4.0))], now=NOW)
+    kept = _bytes(first)
+    second = build_sr(dx, card, [Finding(0.91, 0.5, Region(5.0, 6.0, 7.0, 8.0))], now=NOW)
+    second.ContentSequence[-1].ContentSequence[0].ContentSequence[0].TextValue = "changed"
+    assert _bytes(first) == kept
+    third = build_sr(dx, card, [Finding(0.5, 0.5, Region(1.0, 2.0, 3.0, 4.0))], now=NOW)
+    direct = build_sr_highdicom(dx, card, [Finding(0.5, 0.5, Region(1.0, 2.0, 3.0, 4.0))],
+                                now=NOW)
+    assert _differences(third, direct) == []
