@@ -123,7 +123,7 @@ class Worker:
         ctx = self.ctx
         if item.attempts > ctx.config.max_attempts:
             ctx.ledger.record(died_in_triage(item))
-            ctx.store.ack_inbox([item.row])
+            ctx.store.ack_inbox([item.row], ctx.owner)
             return []
         try:
             decision = self.triage(item)
@@ -142,7 +142,7 @@ class Worker:
                                     key=f"{item.kind}:{item.resource}@triage||")]
             for spec in decision_jobs:
                 ctx.ledger.record(spec)
-            ctx.store.ack_inbox([item.row])
+            ctx.store.ack_inbox([item.row], ctx.owner)
             return []
         claimed = []
         for spec in decision.jobs:
@@ -151,7 +151,7 @@ class Worker:
                 mine = ctx.ledger.claim(job)
                 if mine is not None:
                     claimed.append((mine, decision.stored))
-        ctx.store.ack_inbox([item.row])
+        ctx.store.ack_inbox([item.row], ctx.owner)
         return claimed
 
     # -- beside the loop -----------------------------------------------------
@@ -214,7 +214,8 @@ class Worker:
                 if page.get("Done", True):
                     self.stop.wait(ctx.config.changes_poll_seconds)
             except Exception as exc:  # Orthanc busy or stopping: try again shortly
-                log.warning("orthanc-ai: reading the change log failed: %s", type(exc).__name__)
+                log.warning("orthanc-ai: reading the change log failed: %s",
+                            getattr(exc, "reason", type(exc).__name__))
                 self.stop.wait(2.0)
 
 
@@ -291,6 +292,12 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s worker %(process)d %(levelname)s %(message)s")
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # one INFO line per module copied
+    # pydicom warns about an invalid value by quoting it: patient data in a log.
+    # Our SR builder checks every value it copies, and says what it changed.
+    import pydicom.config
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
     line = sys.stdin.readline()
     if not line:
         return 1

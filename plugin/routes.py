@@ -181,6 +181,7 @@ class Api:
             "ready": bool(sup and sup.ready()),
             "workers": sup.describe() if sup is not None else [],
             "queue": {"location": self.plugin.store.url, "reachable": store_ok, "jobs": counts},
+            "callback": self.plugin.callback_cost(),
         })
 
     def metrics(self, query: Mapping[str, str]) -> Response:

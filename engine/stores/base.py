@@ -185,13 +185,17 @@ class JobStore(Protocol):
         that their callback and change-log events cost nothing."""
 
     def add_changes(self, items: list[tuple[InboxKind, str]], cursor: int) -> None:
-        """Queue change-log items and advance the cursor in one transaction."""
+        """Queue change-log items and advance the cursor in one transaction.
+
+        An instance already queued or triaged is ignored; a series is re-opened,
+        since each stable-series change may follow new slices."""
 
     def take_from_inbox(self, owner: str, limit: int, lease_seconds: float) -> list[InboxItem]:
         """The oldest untriaged items, leased to ``owner`` until acknowledged."""
 
-    def ack_inbox(self, rows: list[int]) -> None:
-        """Triage of these rows is over."""
+    def ack_inbox(self, rows: list[int], owner: str | None = None) -> None:
+        """Triage of these rows is over. With ``owner``, only rows it still holds:
+        a row re-opened meanwhile (a series that changed again) stays to do."""
 
     def release_inbox(self, rows: list[int], delay: float) -> None:
         """Triage met a transient error: take these rows again after ``delay``,

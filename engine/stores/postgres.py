@@ -144,6 +144,9 @@ def _inbox_rows(items: list[tuple[InboxKind, str]]) -> tuple[list[str], list[str
     return [k for k, _ in unique], [r for _, r in unique]
 
 
+# An item to do again: whoever is triaging it loses it (their ack is ignored).
+_REOPEN = ("DO UPDATE SET done=false, attempts=0, taken_until=0, taken_by=NULL,"
+           " received=excluded.received")
 _INSERT_INBOX = (
     'INSERT INTO inbox (kind, resource, received)'
     ' SELECT t.kind, t.resource, %s FROM unnest(%s::text[], %s::text[])'
@@ -401,8 +404,7 @@ class PostgresJobStore:
         if not items:
             return
         kinds, resources = _inbox_rows(items)
-        conflict = ("DO UPDATE SET done=false, attempts=0, taken_until=0,"
-                    " received=excluded.received" if again else "DO NOTHING")
+        conflict = _REOPEN if again else "DO NOTHING"
         with self._db() as db:  # one statement: one round trip, for the callback
             db.execute(_INSERT_INBOX + conflict, (time.time(), kinds, resources))
 
@@ -422,7 +424,8 @@ class PostgresJobStore:
         kinds, resources = _inbox_rows(items)
         with self._db(transaction=True) as db:
             if kinds:
-                db.execute(_INSERT_INBOX + "DO NOTHING", (now, kinds, resources))
+                db.execute(_INSERT_INBOX + _REOPEN + " WHERE inbox.kind = 'series'",
+                           (now, kinds, resources))
             db.execute(
                 "INSERT INTO kv (key, value) VALUES ('changes_cursor', %s)"
                 " ON CONFLICT (key) DO UPDATE SET value ="
@@ -448,11 +451,13 @@ class PostgresJobStore:
                            r["attempts"]) for r in rows]
         return sorted(items, key=lambda i: (i.queued_at, i.row))
 
-    def ack_inbox(self, rows: list[int]) -> None:
+    def ack_inbox(self, rows: list[int], owner: str | None = None) -> None:
         if rows:
             with self._db() as db:
                 db.execute('UPDATE inbox SET done=true, taken_by=NULL'
-                           ' WHERE "row" = ANY(%s::bigint[])', (list(rows),))
+                           ' WHERE "row" = ANY(%s::bigint[])'
+                           ' AND (%s::text IS NULL OR taken_by = %s::text)',
+                           (list(rows), owner, owner))
 
     def release_inbox(self, rows: list[int], delay: float) -> None:
         if rows:

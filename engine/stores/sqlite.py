@@ -94,6 +94,9 @@ def _job(row: sqlite3.Row) -> Job:
 
 
 _NO_LOCK = nullcontext()
+# An item to do again: whoever is triaging it loses it (their ack is ignored).
+_REOPEN = ("DO UPDATE SET done=0, attempts=0, taken_until=0, taken_by=NULL,"
+           " received=excluded.received")
 
 
 def _node(owner: str) -> str:
@@ -300,8 +303,7 @@ class SqliteJobStore:
 
     def push_inbox(self, items: list[tuple[InboxKind, str]], *, again: bool = False) -> None:
         now = time.time()
-        conflict = ("DO UPDATE SET done=0, attempts=0, taken_until=0, received=excluded.received"
-                    if again else "DO NOTHING")
+        conflict = _REOPEN if again else "DO NOTHING"
         with self._tx() as db:
             db.executemany(
                 "INSERT INTO inbox (kind, resource, received) VALUES (?, ?, ?)"
@@ -322,7 +324,8 @@ class SqliteJobStore:
         now = time.time()
         with self._tx() as db:
             db.executemany(
-                "INSERT OR IGNORE INTO inbox (kind, resource, received) VALUES (?, ?, ?)",
+                "INSERT INTO inbox (kind, resource, received) VALUES (?, ?, ?)"
+                f" ON CONFLICT(kind, resource) {_REOPEN} WHERE inbox.kind = 'series'",
                 [(InboxKind(k).value, r, now) for k, r in items],
             )
             db.execute(
@@ -348,11 +351,12 @@ class SqliteJobStore:
                            r["attempts"]) for r in rows]
         return sorted(items, key=lambda i: (i.queued_at, i.row))
 
-    def ack_inbox(self, rows: list[int]) -> None:
+    def ack_inbox(self, rows: list[int], owner: str | None = None) -> None:
         if rows:
             with self._tx() as db:
-                db.executemany("UPDATE inbox SET done=1, taken_by=NULL WHERE row=?",
-                               [(r,) for r in rows])
+                db.executemany("UPDATE inbox SET done=1, taken_by=NULL WHERE row=?"
+                               " AND (? IS NULL OR taken_by = ?)",
+                               [(r, owner, owner) for r in rows])
 
     def release_inbox(self, rows: list[int], delay: float) -> None:
         if rows:

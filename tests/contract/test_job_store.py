@@ -679,3 +679,23 @@ def test_mark_triaged_makes_later_events_no_work(store, clock):
     assert store.inbox_size() == 0
     store.push_inbox([(INST, "our-sr")], again=True)  # an operator's reprocess re-opens
     assert [i.resource for i in store.take_from_inbox("a/1", 10, 30)] == ["our-sr"]
+
+
+def test_a_series_event_reopens_its_row_and_a_stale_ack_is_ignored(store, clock):
+    SERIES = InboxKind.SERIES
+    store.push_inbox([(SERIES, "s")])
+    [item] = store.take_from_inbox("a/1", 10, 30)
+    store.ack_inbox([item.row], "a/1")
+    store.add_changes([(SERIES, "s")], 3)  # stable again (late slices): to do again
+    [again] = store.take_from_inbox("a/1", 10, 30)
+    store.push_inbox([(SERIES, "s")], again=True)  # while a/1 triages it, it changes again
+    store.ack_inbox([again.row], "a/1")  # a/1's ack is for the old version
+    [latest] = store.take_from_inbox("b/1", 10, 30)
+    assert latest.row == item.row and latest.attempts == 1
+    store.ack_inbox([latest.row], "b/1")
+    assert store.inbox_size() == 0
+    store.add_changes([(INST, "i")], 4)
+    [i] = store.take_from_inbox("a/1", 10, 30)
+    store.ack_inbox([i.row], "a/1")
+    store.add_changes([(INST, "i")], 5)  # an instance's replayed change stays done
+    assert store.inbox_size() == 0

@@ -176,10 +176,21 @@ def test_a_backend_that_always_fails_ends_dead_with_the_reason(tmp_path):
     assert "gave up after 3 attempt(s)" in job["reason"] and "model server" in job["reason"]
 
 
-def test_sigterm_stops_orthanc_cleanly(tmp_path):
-    server = OrthancAI(tmp_path / "srv").start()
+def test_sigterm_stops_orthanc_and_its_workers_cleanly(tmp_path):
+    config = write_config(tmp_path / "two.json", Workers=2)
+    server = OrthancAI(tmp_path / "srv", config=config).start()
+    pids = [w["pid"] for w in server.get("/ai/health")["workers"]]
+    assert len(pids) == 2
     assert server.stop() == 0
     assert "Orthanc has stopped" in server.log_tail()
+    for pid in pids:  # stopped with Orthanc, not left behind
+        try:
+            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        assert state == "Z", f"worker {pid} still running after Orthanc stopped"
+    log = (tmp_path / "srv" / "orthanc-db" / "orthanc-ai" / "worker-1.log").read_text()
+    assert "stopped" in log.splitlines()[-1]
 
 
 @pytest.mark.parametrize("route", ["/ai/jobs/999999/retry"])

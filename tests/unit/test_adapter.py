@@ -53,6 +53,8 @@ def test_stored_instance_callback_only_enqueues_durably(load_adapter, tmp_path):
     (item,) = store.take_from_inbox("test/1", 10, 30)
     assert (item.kind, item.resource) == ("instance", "instance-1")
     assert store.counts()["queued"] == 0  # no work done in the callback
+    cost = json.loads(_call(stub, "/ai/health").body)["callback"]
+    assert cost["calls"] == 2 and 0 < cost["p50_us"] <= cost["p99_us"] <= cost["max_us"]
 
 
 def test_stored_instance_callback_never_raises(load_adapter, tmp_path, monkeypatch):

@@ -14,3 +14,6 @@ def test_docker_compose_file_is_valid():
     assert proc.returncode == 0, proc.stderr
     assert "127.0.0.1:8042:8042" in proc.stdout  # published on loopback only
     assert "/opt/orthanc-ai/models" in proc.stdout
+    for package in ("plugin", "engine", "inference"):  # what the workers import
+        assert f"/opt/orthanc-ai/{package}" in proc.stdout
+        assert f"COPY {package} " in (PROJECT_ROOT / "orthanc" / "Dockerfile").read_text()
