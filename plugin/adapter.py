@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import socket
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -67,7 +68,7 @@ class Plugin:
         storage = _storage_directory(config)
         self.work_dir = storage / "orthanc-ai"
         self.store_location = ai.queue_location(storage)
-        # The callback's own handle: a commit that does not wait for the disk
+        # The inbox writer's own handle: a commit that does not wait for the disk
         # (the change log backs it up) and a short wait for the write lock.
         self.inbox: JobStore = open_store(self.store_location, **_fast_options(
             self.store_location))
@@ -85,6 +86,15 @@ class Plugin:
         self.supervisor: Supervisor | None = None
         self.model_server = None
         self.callback_ns: deque[int] = deque(maxlen=20000)
+        # The callbacks only append here; one thread writes the rows to the job
+        # store, so a C-STORE never waits for the store's write lock (held, now
+        # and then, by a worker that the scheduler put behind Orthanc's threads).
+        self._pending: deque[tuple[InboxKind, str]] = deque()
+        self._pending_ready = threading.Event()
+        self._closing = threading.Event()
+        self._writer = threading.Thread(target=self._write_inbox, name="orthanc-ai-inbox",
+                                        daemon=True)
+        self._writer.start()
 
     # -- life cycle ------------------------------------------------------------
 
@@ -116,6 +126,9 @@ class Plugin:
         self.supervisor.start()
 
     def stop(self) -> None:
+        self._closing.set()
+        self._pending_ready.set()
+        self._writer.join(5.0)  # what the callbacks queued reaches the store
         if self.supervisor is not None:
             self.supervisor.stop()
         if self.model_server is not None:
@@ -125,14 +138,41 @@ class Plugin:
 
     def enqueue(self, kind: InboxKind, resource_id: str) -> None:
         t0 = time.perf_counter_ns()
-        try:
-            # A series is stable again after late slices: its row re-opens.
-            self.inbox.push_inbox([(kind, resource_id)], again=kind == InboxKind.SERIES)
-        except Exception:
-            pass  # locked or unreachable: the change log brings it a second later
-        if self.supervisor is not None:
-            self.supervisor.wake()
-        self.callback_ns.append(time.perf_counter_ns() - t0)
+        self._pending.append((kind, resource_id))
+        self._pending_ready.set()
+        if kind == InboxKind.INSTANCE:
+            self.callback_ns.append(time.perf_counter_ns() - t0)
+
+    def _write_inbox(self) -> None:
+        """Write what the callbacks queued into the job store's inbox, then wake
+        the workers. A row lost here (Orthanc killed within this millisecond,
+        the store unreachable) is not lost: Orthanc's change log, which the
+        workers follow, holds every event."""
+        while True:
+            self._pending_ready.wait(1.0)
+            self._pending_ready.clear()
+            batch = []
+            while self._pending and len(batch) < 1000:
+                batch.append(self._pending.popleft())
+            if not batch:
+                if self._closing.is_set():
+                    return
+                continue
+            instances = [b for b in batch if b[0] != InboxKind.SERIES]
+            series = [b for b in batch if b[0] == InboxKind.SERIES]
+            try:
+                if instances:
+                    self.inbox.push_inbox(instances)
+                if series:  # stable again after late slices: the row re-opens
+                    self.inbox.push_inbox(series, again=True)
+            except Exception as exc:
+                log.warning("orthanc-ai: queueing %d event(s) failed (the change log "
+                            "brings them): %s", len(batch), getattr(exc, "reason", exc))
+                time.sleep(0.5)
+            if self.supervisor is not None:
+                self.supervisor.wake()
+            if self._pending:
+                self._pending_ready.set()
 
     def callback_cost(self) -> dict[str, Any]:
         """The stored-instance callback's own cost over its last calls, in microseconds."""

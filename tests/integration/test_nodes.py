@@ -54,6 +54,7 @@ def test_two_nodes_share_the_work_and_the_survivor_takes_over_a_dead_nodes_jobs(
             time.sleep(0.05)
         a.kill()
         killed_at = time.time()
+        held = b.jobs(state="running", node="node-a")  # what the dead node still held
         assert len(b.jobs(state="done")) < 100, "all done before the kill: make it harder"
         ids = [b.lookup(str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID))
                for f in files]

@@ -44,10 +44,21 @@ def test_install_registers_callbacks_and_routes(load_adapter, tmp_path):
     assert (tmp_path / "db" / "orthanc-ai" / "jobs.sqlite").exists()
 
 
-def test_stored_instance_callback_only_enqueues_durably(load_adapter, tmp_path):
+def _written(adapter) -> None:
+    """Until the plugin's inbox writer has written what the callbacks queued."""
+    import time
+
+    deadline = time.time() + 5
+    while adapter._plugin._pending and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)
+
+
+def test_stored_instance_callback_only_enqueues(load_adapter, tmp_path):
     stub, adapter = load_adapter({"ModelsDirectory": str(tmp_path)})
     stub.stored_callbacks[0](object(), "instance-1")
     stub.stored_callbacks[0](object(), "instance-1")  # the same event twice: one row
+    _written(adapter)
     store = adapter._plugin.store
     assert store.inbox_size() == 1
     (item,) = store.take_from_inbox("test/1", 10, 30)
@@ -65,11 +76,14 @@ def test_stored_instance_callback_never_raises(load_adapter, tmp_path, monkeypat
 
     monkeypatch.setattr(adapter._plugin.inbox, "push_inbox", broken)
     stub.stored_callbacks[0](object(), "instance-1")  # must not raise into Orthanc
+    _written(adapter)
+    assert adapter._plugin._writer.is_alive()  # and the writer goes on
 
 
 def test_stable_series_is_queued(load_adapter, tmp_path):
     stub, adapter = load_adapter({"ModelsDirectory": str(tmp_path)})
     stub.change_callbacks[0](stub.ChangeType.STABLE_SERIES, 0, "series-1")
+    _written(adapter)
     (item,) = adapter._plugin.store.take_from_inbox("test/1", 10, 30)
     assert (item.kind, item.resource) == ("series", "series-1")
 
