@@ -184,13 +184,11 @@ class Worker:
         the plugin was off). On the very first start the cursor begins at the
         end of the log: enabling the plugin does not re-analyse the archive.
         """
-        from .source import OrthancClient
         from .stores import InboxKind, open_store
 
         ctx = self.ctx
         store = open_store(ctx.store_location)
-        source = OrthancClient(ctx.source.base_url, timeout=ctx.config.http_timeout_seconds)
-        source.session.headers.update(ctx.source.session.headers)
+        source = ctx.source  # its sessions are per thread
         kinds = {"NewInstance": InboxKind.INSTANCE, "StableSeries": InboxKind.SERIES}
         cursor: int | None = None
         while not self.stop.is_set():
