@@ -3,8 +3,9 @@
     .venv/bin/python -m bench.series_memory [--slices 1000] [--out bench/out]
 
 Writes the series slice by slice, sends it by C-STORE, waits for the series
-job, and samples Orthanc's resident size (VmRSS) every 0.2 s: the growth
-during the job is compared with the size of the series' pixel data.
+job, and samples the resident size (VmRSS) of the worker process that runs
+it, and of Orthanc, every 0.2 s: the growth during the job is compared with
+the size of the series' pixel data.
 """
 
 from __future__ import annotations
@@ -49,19 +50,24 @@ def main(argv: list[str] | None = None) -> int:
         config = write_config(work / "c.json", StableAge=3)
         with OrthancAI(work / "srv", config=config) as server:
             pid = server.proc.pid
+            (worker,) = [w["pid"] for w in server.get("/ai/health")["workers"]]
+            print(f"sending {args.slices} slices ({pixel_mib:.0f} MiB) ...", flush=True)
             server.storescu(files)
-            baseline = rss_kib(pid)
+            baseline, orthanc_baseline = rss_kib(worker), rss_kib(pid)
             samples: list[int] = []
+            orthanc_samples: list[int] = []
             stop = threading.Event()
 
             def sample() -> None:
                 while not stop.is_set():
-                    samples.append(rss_kib(pid))
+                    samples.append(rss_kib(worker))
+                    orthanc_samples.append(rss_kib(pid))
                     time.sleep(0.2)
 
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
             t0 = time.perf_counter()
+            print("waiting for the series job (StableAge, then the analysis) ...", flush=True)
             while True:
                 jobs = [j for j in server.jobs() if j["level"] == "series"]
                 if jobs and jobs[0]["state"] not in ("queued", "running"):
@@ -74,9 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "slices": args.slices,
         "series_mib_on_disk": round(pixel_mib, 1),
-        "rss_before_mib": round(baseline / 1024, 1),
-        "rss_peak_mib": round(max(samples) / 1024, 1),
-        "rss_growth_mib": round((max(samples) - baseline) / 1024, 1),
+        "worker_rss_before_mib": round(baseline / 1024, 1),
+        "worker_rss_peak_mib": round(max(samples) / 1024, 1),
+        "worker_rss_growth_mib": round((max(samples) - baseline) / 1024, 1),
+        "orthanc_rss_growth_mib": round((max(orthanc_samples) - orthanc_baseline) / 1024, 1),
         "job_state": job["state"],
         "job_seconds": round(elapsed, 1),
         "volume_ml": (job.get("result") or {}).get("volume_ml"),

@@ -1,17 +1,39 @@
 """Model cards: what a model is, accepts, needs and returns, and how well it did.
 
-A card is ``model.json`` in the model's folder. It is parsed into frozen
-dataclasses; once ``ModelCard.from_json`` returns, the card is valid. Errors
-name the folder and the key, so that an admin who drops a model folder in
-knows what to fix.
+A card is ``model.json`` in the model's folder. Its schema is declared with
+pydantic models; once ``ModelCard.from_json`` returns, the card is valid.
+Errors name the folder and the key, so that an admin who drops a model folder
+in knows what to fix. Keys a card carries beyond the schema (notes, units)
+are kept in ``raw`` and otherwise ignored.
+
+The helpers ``says`` and ``explain`` word the errors of every schema of the
+project (cards, ``AI`` section, routing rules) alike: "<key> must be ..., not X".
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    WrapValidator,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from .features import FEATURES
 
@@ -20,38 +42,181 @@ class CardError(ValueError):
     """A model folder or card that cannot be used, with the reason."""
 
 
-@dataclass(frozen=True)
-class Code:
+def says(message: str, test: Callable[[Any], bool] = lambda _: True) -> WrapValidator:
+    """Validation by the annotated type, then ``test``; any failure reads ``message``.
+
+    For values whose item-by-item complaints would say less than one sentence.
+    """
+
+    def validate(value: Any, handler: Callable[[Any], Any]) -> Any:
+        try:
+            value = handler(value)
+        except ValidationError:
+            raise PydanticCustomError("invalid", message) from None
+        if not test(value):
+            raise PydanticCustomError("invalid", message)
+        return value
+
+    return WrapValidator(validate)
+
+
+_PHRASES = {
+    "bool_type": "must be true or false",
+    "int_type": "must be an integer",
+    "float_type": "must be a number",
+    "string_type": "must be a string",
+    "tuple_type": "must be a list",
+    "list_type": "must be a list",
+    "model_type": "must be an object",
+    "model_attributes_type": "must be an object",
+    "dict_type": "must be an object",
+}
+
+
+def explain(error: ErrorDetails) -> str:
+    """What is wrong with the value at ``error['loc']``: "must be ..., not X"."""
+    kind, ctx = error["type"], error.get("ctx", {})
+    if kind == "missing":
+        return "is required"
+    if kind == "string_too_short" and ctx.get("min_length") == 1:
+        return "must not be empty"
+    if kind in ("too_short", "too_long"):
+        bound = "least" if kind == "too_short" else "most"
+        text = f"must have at {bound} {ctx.get('min_length', ctx.get('max_length'))} item(s)"
+    else:  # pydantic's "Input should be ..." and our own "must ..."
+        text = _PHRASES.get(kind) or re.sub(r"^\w+ should", "must", error["msg"])
+    value = error.get("input")
+    if not isinstance(value, dict):
+        shown = repr(value)
+        text += f", not {shown if len(shown) <= 60 else shown[:57] + '...'}"
+    return text
+
+
+Text = Annotated[StrictStr, StringConstraints(strip_whitespace=True, min_length=1)]
+Upper = Annotated[Text, StringConstraints(to_upper=True)]
+Fraction = Annotated[StrictFloat, Field(gt=0, lt=1)]
+_ONE_WINDOW = "must list one [centre, width] per channel"
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class Code(_Part):
     """A coded concept (value, scheme, meaning), e.g. SNOMED CT."""
 
-    value: str
-    scheme: str
-    meaning: str
+    value: Text
+    scheme: Text
+    meaning: Text
 
 
-@dataclass(frozen=True)
-class ImageInput:
-    name: str
-    shape: tuple[int, int, int]
-    pixel_spacing_mm: float
-    preprocessing: str
+class ImageInput(_Part):
+    name: Text
+    shape: Annotated[tuple[StrictInt, StrictInt, StrictInt],
+                     says("must be [rows, columns, channels]", lambda s: min(s) > 0)]
+    pixel_spacing_mm: Annotated[StrictFloat, Field(ge=0.01, le=20)]
+    preprocessing: Text = ""
     # CT: fixed Hounsfield windows (centre, width), one per channel; None for
     # radiographs, which use the image's own VOI.
-    windows: tuple[tuple[float, float], ...] | None = None
+    windows: Annotated[tuple[tuple[StrictFloat, Annotated[StrictFloat, Field(gt=0)]], ...],
+                       says(_ONE_WINDOW)] | None = None
+
+    @field_validator("windows")
+    @classmethod
+    def _one_per_channel(cls, windows: Any, info: ValidationInfo) -> Any:
+        shape = info.data.get("shape")
+        if windows is not None and shape is not None and len(windows) != shape[2]:
+            raise PydanticCustomError("invalid", _ONE_WINDOW)
+        return windows
 
 
-@dataclass(frozen=True)
-class MetadataInput:
-    name: str
-    features: tuple[str, ...]
+_Feature = Annotated[StrictStr, says(f"must be a known feature ({', '.join(sorted(FEATURES))})",
+                                     FEATURES.__contains__)]
 
 
-@dataclass(frozen=True)
-class Accepts:
-    level: str  # "instance" (one image) or "series" (a volume)
-    modalities: tuple[str, ...]
-    photometric: tuple[str, ...]
-    body_parts: tuple[str, ...]
+class MetadataInput(_Part):
+    name: Text
+    features: tuple[_Feature, ...]
+
+
+class Accepts(_Part):
+    level: Literal["instance", "series"]  # one image, or a volume
+    modalities: Annotated[tuple[Upper, ...], Field(min_length=1)]
+    photometric: tuple[Text, ...] = ("MONOCHROME1", "MONOCHROME2")
+    body_parts: tuple[Upper, ...] = ()
+
+
+class _Named(_Part):
+    name: Text
+
+
+class _Heatmap(_Named):
+    stride: Annotated[StrictInt, Field(gt=0)]
+
+
+class _Inputs(_Part):
+    image: ImageInput
+    metadata: MetadataInput | None = None
+
+
+class _Outputs(_Part):
+    probability: _Named
+    heatmap: _Heatmap | None = None
+
+
+class _Volume(_Part):
+    heatmap_threshold: StrictFloat
+
+
+class _Card(_Part):
+    """``model.json`` as it is written."""
+
+    schema_version: Annotated[StrictInt, Field(alias="schema"),
+                              says("must be 1", lambda v: v == 1)]
+    id: Annotated[Text, says("must use letters, digits, '-', '_' or '.'",
+                             lambda v: re.fullmatch(r"[\w.-]+", v) is not None)]
+    name: Text
+    version: Text
+    description: Text = ""
+    intended_use: Text
+    format: Literal["keras", "savedmodel"]
+    weights: Text
+    accepts: Accepts
+    inputs: _Inputs
+    outputs: _Outputs
+    finding: Code
+    finding_site: Code | None = None
+    threshold: Fraction
+    series_threshold: Fraction | None = None
+    volume: _Volume | None = None
+    training: dict[str, Any] = {}
+    metrics: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _series_needs_heatmap(self) -> _Card:
+        if self.accepts.level == "series" and self.outputs.heatmap is None:
+            raise PydanticCustomError("invalid", "a series-level model needs a 'heatmap' output")
+        return self
+
+
+def _card_error(exc: ValidationError, where: str) -> CardError:
+    """``<folder>/model.json:inputs:image: 'shape' must be ...``, one per problem."""
+    problems = []
+    for error in exc.errors():
+        keys: list[str] = []
+        for part in error["loc"]:
+            if isinstance(part, int):
+                keys[-1] += f"[{part}]"
+            else:
+                keys.append(part)
+        head = ":".join([where, *keys[:-1]])
+        if not keys:
+            problems.append(f"{where}: {error['msg']}")
+        elif error["type"] == "missing":
+            problems.append(f"{head}: missing key '{keys[-1]}'")
+        else:
+            problems.append(f"{head}: '{keys[-1]}' {explain(error)}")
+    return CardError("; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -94,103 +259,29 @@ class ModelCard:
 
     @classmethod
     def from_json(cls, data: Any, folder: Path) -> ModelCard:
-        r = _Reader(data, f"{folder}/model.json")
-        if r.get("schema", int) != 1:
-            raise CardError(f"{r.where}: 'schema' must be 1")
-        fmt = r.get("format", str)
-        if fmt not in ("keras", "savedmodel"):
-            raise CardError(f"{r.where}: 'format' must be 'keras' or 'savedmodel', not {fmt!r}")
-        weights = folder / r.get("weights", str)
+        where = f"{folder}/model.json"
+        if not isinstance(data, dict):
+            raise CardError(f"{where}: expected an object")
+        try:
+            card = _Card.model_validate(data)
+        except ValidationError as exc:
+            raise _card_error(exc, where) from exc
+        weights = folder / card.weights
         if not weights.exists():
-            raise CardError(f"{r.where}: 'weights' file {weights.name!r} not found in {folder}")
-        acc = r.sub("accepts")
-        level = acc.get("level", str)
-        if level not in ("instance", "series"):
-            raise CardError(f"{acc.where}: 'level' must be 'instance' or 'series'")
-        accepts = Accepts(
-            level=level,
-            modalities=tuple(m.upper() for m in acc.get("modalities", list)),
-            photometric=tuple(acc.opt("photometric", list, ["MONOCHROME1", "MONOCHROME2"])),
-            body_parts=tuple(b.upper() for b in acc.opt("body_parts", list, [])),
-        )
-        if not accepts.modalities:
-            raise CardError(f"{acc.where}: 'modalities' must list at least one modality")
-        inputs = r.sub("inputs")
-        img = inputs.sub("image")
-        shape = img.get("shape", list)
-        if len(shape) != 3 or not all(isinstance(v, int) and v > 0 for v in shape):
-            raise CardError(f"{img.where}: 'shape' must be [rows, columns, channels]")
-        spacing = float(img.get("pixel_spacing_mm", (int, float)))
-        if not 0.01 <= spacing <= 20:
-            raise CardError(f"{img.where}: 'pixel_spacing_mm' out of range: {spacing}")
-        windows = None
-        if "windows" in img.data:
-            raw = img.get("windows", list)
-            ok = all(isinstance(w, list) and len(w) == 2 and w[1] > 0 for w in raw)
-            if not ok or len(raw) != shape[2]:
-                raise CardError(
-                    f"{img.where}: 'windows' must list one [centre, width] per channel"
-                )
-            windows = tuple((float(c), float(w)) for c, w in raw)
-        image = ImageInput(
-            img.get("name", str), tuple(shape), spacing, img.opt("preprocessing", str, ""),
-            windows,
-        )
-        metadata = None
-        if "metadata" in inputs.data:
-            md = inputs.sub("metadata")
-            names = tuple(md.get("features", list))
-            unknown = [n for n in names if n not in FEATURES]
-            if unknown:
-                raise CardError(
-                    f"{md.where}: unknown feature(s) {unknown}; known: {sorted(FEATURES)}"
-                )
-            metadata = MetadataInput(md.get("name", str), names)
-        outputs = r.sub("outputs")
-        prob = outputs.sub("probability")
-        heat_name, stride = None, 1
-        if "heatmap" in outputs.data:
-            heat = outputs.sub("heatmap")
-            heat_name = heat.get("name", str)
-            stride = heat.get("stride", int)
-        threshold = float(r.get("threshold", (int, float)))
-        if not 0.0 < threshold < 1.0:
-            raise CardError(f"{r.where}: 'threshold' must be between 0 and 1")
-        site = r.sub("finding_site").code() if "finding_site" in r.data else None
-        series_threshold = None
-        if "series_threshold" in r.data:
-            series_threshold = float(r.get("series_threshold", (int, float)))
-            if not 0.0 < series_threshold < 1.0:
-                raise CardError(f"{r.where}: 'series_threshold' must be between 0 and 1")
-        volume_level = None
-        if "volume" in r.data:
-            volume_level = float(r.sub("volume").get("heatmap_threshold", (int, float)))
-        if level == "series" and heat_name is None:
-            raise CardError(f"{r.where}: a series-level model needs a 'heatmap' output")
-        return cls(
-            folder=folder,
-            id=_identifier(r.get("id", str), r.where),
-            name=r.get("name", str),
-            version=r.get("version", str),
-            description=r.opt("description", str, ""),
-            intended_use=r.get("intended_use", str),
-            format=fmt,
-            weights=weights,
-            accepts=accepts,
-            image=image,
-            metadata=metadata,
-            probability_output=prob.get("name", str),
-            heatmap_output=heat_name,
-            heatmap_stride=stride,
-            finding=r.sub("finding").code(),
-            finding_site=site,
-            threshold=threshold,
-            series_threshold=series_threshold,
-            volume_heatmap_threshold=volume_level,
-            training=r.opt("training", dict, {}),
-            metrics=r.opt("metrics", dict, {}),
-            raw=data,
-        )
+            raise CardError(f"{where}: 'weights' file {weights.name!r} not found in {folder}")
+        heatmap, volume = card.outputs.heatmap, card.volume
+        return cls(**{
+            **{key: value for key, value in card if key in cls.__dataclass_fields__},
+            "folder": folder,
+            "weights": weights,
+            "image": card.inputs.image,
+            "metadata": card.inputs.metadata,
+            "probability_output": card.outputs.probability.name,
+            "heatmap_output": heatmap.name if heatmap else None,
+            "heatmap_stride": heatmap.stride if heatmap else 1,
+            "volume_heatmap_threshold": volume.heatmap_threshold if volume else None,
+            "raw": data,
+        })
 
     def summary(self) -> dict[str, Any]:
         """What ``GET /ai/models`` shows."""
@@ -212,39 +303,3 @@ class ModelCard:
             "training": self.training,
             "metrics": self.metrics,
         }
-
-
-def _identifier(value: str, where: str) -> str:
-    ok = value and all(ch.isalnum() or ch in "-_." for ch in value)
-    if not ok:
-        raise CardError(f"{where}: 'id' must use letters, digits, '-', '_' or '.'")
-    return value
-
-
-class _Reader:
-    """Typed access to a JSON object that names the key when it is wrong."""
-
-    def __init__(self, data: Any, where: str) -> None:
-        if not isinstance(data, dict):
-            raise CardError(f"{where}: expected an object")
-        self.data = data
-        self.where = where
-
-    def get(self, key: str, kind: type | tuple[type, ...]) -> Any:
-        if key not in self.data:
-            raise CardError(f"{self.where}: missing key '{key}'")
-        value = self.data[key]
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise CardError(f"{self.where}: key '{key}' has the wrong type")
-        if isinstance(value, str) and not value.strip():
-            raise CardError(f"{self.where}: key '{key}' is empty")
-        return value
-
-    def opt(self, key: str, kind: type, default: Any) -> Any:
-        return self.get(key, kind) if key in self.data else default
-
-    def sub(self, key: str) -> _Reader:
-        return _Reader(self.get(key, dict), f"{self.where}:{key}")
-
-    def code(self) -> Code:
-        return Code(self.get("value", str), self.get("scheme", str), self.get("meaning", str))

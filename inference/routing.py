@@ -20,12 +20,28 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+from pydantic.alias_generators import to_pascal
+from pydantic_core import PydanticCustomError
 
 if TYPE_CHECKING:  # pydicom loads every codec (GDCM too): not in Orthanc's process
     from pydicom.dataset import Dataset
 
-from .card import ModelCard
+from .card import ModelCard, Text, Upper, explain, says
 from .errors import SkipInput
 from .features import patient_age
 
@@ -87,21 +103,109 @@ class RoutingError(ValueError):
     """A routing rule that cannot be used; the message names the rule and key."""
 
 
-def _strings(value: Any, where: str) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise RoutingError(f"{where} must be a string or a list of non-empty strings")
-    return tuple(v.strip().upper() for v in value)
+FROM_JSON = {"from": "json"}  # validation context: keys as the JSON must write them
 
 
-def _regex(value: Any, where: str) -> re.Pattern[str]:
+class Section(BaseModel):
+    """A JSON object of the configuration: CamelCase keys, unknown ones refused.
+
+    Validated with ``context=FROM_JSON``, only the CamelCase keys are valid;
+    Python code may also construct it by field name.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", alias_generator=to_pascal,
+                              validate_by_name=True, str_strip_whitespace=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any, info: ValidationInfo) -> Any:
+        if isinstance(data, dict):
+            valid = sorted(f.alias or name for name, f in cls.model_fields.items())
+            by_name = [] if info.context == FROM_JSON else list(cls.model_fields)
+            unknown = sorted(set(data) - set(valid) - set(by_name))
+            if unknown:
+                raise PydanticCustomError("unknown_keys", "unknown key(s) {unknown}",
+                                          {"unknown": unknown, "valid": ", ".join(valid)})
+        return data
+
+
+def describe(exc: ValidationError, root: str, data: Any = None) -> str:
+    """``AI.Routing.Rules[2].Modality (rule 'CT head') must be ..., not X``, one per problem.
+
+    ``data`` is what was validated: from it a rule's Name joins its index.
+    """
+
+    def where(loc: tuple[int | str, ...]) -> str:
+        path = root + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
+        node, name = data, None
+        for part in (None, *loc):
+            try:
+                node = node if part is None else node[part]
+            except (KeyError, IndexError, TypeError):
+                break
+            label = node.get("Name") if isinstance(node, dict) else None
+            if isinstance(label, str) and label.strip():
+                name = label.strip()
+        return f"{path} (rule {name!r})" if name else path
+
+    problems = []
+    for error in exc.errors():
+        if error["type"] == "unknown_keys":
+            ctx = error.get("ctx", {})
+            keys = ", ".join(where((*error["loc"], key)) for key in ctx["unknown"])
+            problems.append(f"unknown key(s) {keys}; valid keys: {ctx['valid']}")
+        else:
+            problems.append(f"{where(error['loc'])} {explain(error)}")
+    return "; ".join(problems)
+
+
+def _listed(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+def _regex(value: Any) -> re.Pattern[str] | None:
+    if value is None:
+        return None
     if not isinstance(value, str):
-        raise RoutingError(f"{where} must be a regular expression string")
+        raise PydanticCustomError("invalid", "must be a regular expression string")
     try:
         return re.compile(value, re.I)
     except re.error as exc:
-        raise RoutingError(f"{where} is not a valid regular expression: {exc}") from exc
+        raise PydanticCustomError("invalid", "is not a valid regular expression: {error}",
+                                  {"error": str(exc)}) from None
+
+
+# One string or a list of them; compared upper-case.
+_Words = Annotated[tuple[Upper, ...], BeforeValidator(_listed),
+                   says("must be a string or a list of non-empty strings")]
+_Regex = Annotated[re.Pattern[str] | None, PlainValidator(_regex)]
+_AgeRange = Annotated[tuple[StrictFloat, StrictFloat] | None,
+                      says("must be [min, max) in years", lambda a: a is None or 0 <= a[0] < a[1])]
+
+
+class RuleSchema(Section):
+    """A rule as ``AI.Routing.Rules`` writes it; ``rule()`` makes the Rule."""
+
+    name: Text
+    model: Text
+    priority: StrictInt = 0
+    action: Literal["run", "skip"] = "run"
+    modality: _Words = ()
+    sop_class_uid: _Words = Field((), alias="SOPClassUID")
+    body_part: _Words = Field((), alias="BodyPartExamined")
+    view_position: _Words = ()
+    image_type_all: _Words = Field((), alias="ImageType")
+    image_type_none: _Words = Field((), alias="ImageTypeExcludes")
+    series_description: _Regex = None
+    study_description: _Regex = None
+    age_years: _AgeRange = None
+
+    def rule(self) -> Rule:
+        return Rule(**dict(self))
+
+
+# A field of this type validates the JSON and holds the Rule.
+ParsedRule = Annotated[RuleSchema, AfterValidator(RuleSchema.rule)]
 
 
 @dataclass(frozen=True)
@@ -120,59 +224,12 @@ class Rule:
     study_description: re.Pattern[str] | None = None
     age_years: tuple[float, float] | None = None  # [min, max)
 
-    _KEYS = {
-        "Name", "Model", "Priority", "Action", "Modality", "SOPClassUID", "BodyPartExamined",
-        "ViewPosition", "ImageType", "ImageTypeExcludes", "SeriesDescription",
-        "StudyDescription", "AgeYears",
-    }
-
     @classmethod
     def from_json(cls, data: Any, index: int) -> Rule:
-        where = f"AI.Routing.Rules[{index}]"
-        if not isinstance(data, dict):
-            raise RoutingError(f"{where} must be an object")
-        unknown = sorted(set(data) - cls._KEYS)
-        if unknown:
-            raise RoutingError(f"{where}: unknown key(s) {unknown}; valid: {sorted(cls._KEYS)}")
-        for key in ("Name", "Model"):
-            if not isinstance(data.get(key), str) or not data[key].strip():
-                raise RoutingError(f"{where}.{key} is required (a non-empty string)")
-        where = f"AI.Routing rule {data['Name']!r}"
-        priority = data.get("Priority", 0)
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise RoutingError(f"{where}.Priority must be an integer")
-        action = data.get("Action", "run")
-        if action not in ("run", "skip"):
-            raise RoutingError(f"{where}.Action must be 'run' or 'skip'")
-        age = data.get("AgeYears")
-        if age is not None:
-            ok = (isinstance(age, list) and len(age) == 2
-                  and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in age)
-                  and 0 <= age[0] < age[1])
-            if not ok:
-                raise RoutingError(f"{where}.AgeYears must be [min, max) in years")
-            age = (float(age[0]), float(age[1]))
-
-        def opt(key: str) -> tuple[str, ...]:
-            return _strings(data[key], f"{where}.{key}") if key in data else ()
-
-        return cls(
-            name=data["Name"].strip(),
-            model=data["Model"].strip(),
-            priority=priority,
-            action=action,
-            modality=opt("Modality"),
-            sop_class_uid=opt("SOPClassUID"),
-            body_part=opt("BodyPartExamined"),
-            view_position=opt("ViewPosition"),
-            image_type_all=opt("ImageType"),
-            image_type_none=opt("ImageTypeExcludes"),
-            series_description=(_regex(data["SeriesDescription"], f"{where}.SeriesDescription")
-                                if "SeriesDescription" in data else None),
-            study_description=(_regex(data["StudyDescription"], f"{where}.StudyDescription")
-                               if "StudyDescription" in data else None),
-            age_years=age,
-        )
+        try:
+            return RuleSchema.model_validate(data, context=FROM_JSON).rule()
+        except ValidationError as exc:
+            raise RoutingError(describe(exc, f"AI.Routing.Rules[{index}]", data)) from exc
 
     def matches(self, ds: Dataset, age: float | None) -> bool:
         def text(keyword: str) -> str:

@@ -38,6 +38,14 @@ def test_valid_folder_loads_and_predicts(good_folder):
         ({"id": "bad id!"}, "'id'"),
         ({"accepts": {"level": "study", "modalities": ["DX"]}}, "'level'"),
         ({"finding": {"value": "1", "scheme": "SCT"}}, "missing key 'meaning'"),
+        ({"schema": True}, "'schema' must be 1"),  # strict: true is not 1
+        ({"threshold": "high"}, "'threshold' must be a number"),
+        ({"name": "  "}, "'name' must not be empty"),
+        ({"accepts": {"level": "instance", "modalities": []}}, "accepts: 'modalities'"),
+        ({"accepts": {"level": "instance", "modalities": ["DX", 3]}}, "'modalities\\[1\\]'"),
+        ({"outputs": "probability"}, "'outputs' must be an object"),
+        ({"accepts": {"level": "series", "modalities": ["CT"]},
+          "outputs": {"probability": {"name": "probability"}}}, "needs a 'heatmap' output"),
     ],
 )
 def test_card_errors_name_the_key(tmp_path, good_folder, change, message):
@@ -54,6 +62,39 @@ def test_unknown_metadata_feature_is_refused(tmp_path, good_folder):
     write_card(tmp_path, card)
     with pytest.raises(CardError, match="shoe_size"):
         ModelCard.from_folder(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("image", "message"),
+    [
+        ({"shape": [32, 32]}, "inputs:image: 'shape' must be \\[rows, columns, channels\\]"),
+        ({"shape": [32, 0, 1]}, "'shape' must be"),
+        ({"pixel_spacing_mm": 0.001}, "'pixel_spacing_mm'"),
+        ({"windows": [[40, 80], [80, 200]]}, "'windows' must list one"),  # one channel
+        ({"windows": [[40, -1]]}, "'windows' must list one"),
+    ],
+)
+def test_image_input_errors_name_the_key(tmp_path, good_folder, image, message):
+    (tmp_path / "model.keras").write_bytes((good_folder / "model.keras").read_bytes())
+    card = card_json()
+    card["inputs"]["image"].update(image)
+    write_card(tmp_path, card)
+    with pytest.raises(CardError, match=message):
+        ModelCard.from_folder(tmp_path)
+
+
+def test_card_values_are_normalised(tmp_path, good_folder):
+    (tmp_path / "model.keras").write_bytes((good_folder / "model.keras").read_bytes())
+    card = card_json(accepts={"level": "instance", "modalities": ["dx"], "body_parts": ["leg"]})
+    card["inputs"]["image"]["windows"] = [[40, 80]]
+    write_card(tmp_path, card)
+    loaded = ModelCard.from_folder(tmp_path)
+    assert loaded.accepts.modalities == ("DX",) and loaded.accepts.body_parts == ("LEG",)
+    assert loaded.accepts.photometric == ("MONOCHROME1", "MONOCHROME2")
+    assert loaded.image.shape == (32, 32, 1) and loaded.image.windows == ((40.0, 80.0),)
+    assert loaded.metadata.features == ("age_years", "age_known")
+    assert (loaded.heatmap_output, loaded.heatmap_stride) == ("heatmap", 4)
+    assert loaded.weights == tmp_path / "model.keras" and loaded.finding.meaning == "Fracture"
 
 
 def test_weights_that_do_not_match_the_card_are_refused(tmp_path):

@@ -122,7 +122,8 @@ def test_unsafe_rules_are_refused_at_start_up(cards, spec, message):
 
 
 def test_routing_section_errors_name_the_key():
-    with pytest.raises(ConfigError, match="Rules\\[0\\]: unknown key"):
+    with pytest.raises(ConfigError,
+                       match=r"unknown key\(s\) AI\.Routing\.Rules\[0\]\.Modalty .*valid keys"):
         parse_ai_section({"Routing": {"Rules": [{"Name": "a", "Model": "m", "Modalty": "DX"}]}})
     with pytest.raises(ConfigError, match="AgeYears"):
         parse_ai_section({"Routing": {"Rules": [{"Name": "a", "Model": "m", "AgeYears": [5]}]}})
@@ -131,6 +132,36 @@ def test_routing_section_errors_name_the_key():
             {"Name": "a", "Model": "m", "SeriesDescription": "("}]}})
     with pytest.raises(ConfigError, match="AI.Routing"):
         parse_ai_section({"Routing": {"Rulez": []}})
+    with pytest.raises(ConfigError, match=r"AI\.Routing\.Rules\[2\]\.Modality \(rule 'c'\)"):
+        parse_ai_section({"Routing": {"Rules": [
+            {"Name": "a", "Model": "m", "Modality": "DX"}, {"Name": "b", "Model": "m"},
+            {"Name": "c", "Model": "m", "Modality": ["DX", 3]}]}})
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("not an object", r"Rules\[1\] must be an object"),
+        ({"Model": "m"}, r"Rules\[1\]\.Name is required"),
+        ({"Name": " ", "Model": "m"}, r"Rules\[1\]\.Name must not be empty"),
+        ({"Name": "a", "Model": "m", "Priority": True}, r"Rules\[1\]\.Priority .*integer"),
+        ({"Name": "a", "Model": "m", "Action": "maybe"}, r"Action .*'run' or 'skip'"),
+        ({"Name": "a", "Model": "m", "AgeYears": [18, 5]}, r"AgeYears .*\[min, max\)"),
+        ({"Name": "a", "Model": "m", "AgeYears": [0, True]}, r"AgeYears .*\[min, max\)"),
+        ({"Name": "a", "Model": "m", "StudyDescription": 3}, "StudyDescription .*regular"),
+        ({"Name": "a", "Model": "m", "Modality": ["DX", ""]}, "Modality .*non-empty strings"),
+    ],
+)
+def test_rule_errors_name_the_rule_and_key(spec, message):
+    with pytest.raises(RoutingError, match=message):
+        Rule.from_json(spec, 1)
+
+
+def test_rule_values_are_normalised():
+    rule = Rule.from_json({"Name": " a ", "Model": "m", "Modality": "dx ", "AgeYears": [0, 18],
+                           "SeriesDescription": "^ARM"}, 0)
+    assert (rule.name, rule.modality, rule.age_years) == ("a", ("DX",), (0.0, 18.0))
+    assert rule.series_description.search("arm AP")
 
 
 def test_default_exclusion_keeps_ordinary_images():
