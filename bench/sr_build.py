@@ -1,4 +1,4 @@
-"""Cost of building one AI result SR: highdicom's direct build vs ``build_sr``.
+"""Cost of building one AI result SR: highdicom's direct build vs ``build_sr``; and its bytes.
 
     .venv/bin/python -m bench.sr_build [--n 200] [--profile highdicom|build_sr [--case 0-3]]
 
@@ -6,8 +6,12 @@ Builds the SR of a synthetic radiograph (positive with a region, negative),
 of a CR test image and of a head CT key slice (volume finding) ``--n`` times
 each, with the direct highdicom build (``inference.report.build_sr_highdicom``,
 what ``build_sr`` did before it cached per model card) and with ``build_sr``,
-and prints milliseconds per SR. ``--profile`` runs cProfile over one of them
-and prints the 25 most expensive functions. Pure CPU, no Orthanc needed.
+and prints milliseconds per SR. Then it serialises each ``build_sr`` SR ``--n``
+times with pydicom's ``save_as`` (what ``engine.context.sr_file`` did before)
+and with ``inference.report.sr_bytes`` (what it does now), prints milliseconds
+per SR and whether the two wrote the same bytes. ``--profile`` runs cProfile
+over one of the builds and prints the 25 most expensive functions. Pure CPU,
+no Orthanc needed.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import datetime as dt
+import io
 import pstats
 import statistics
 import sys
@@ -94,6 +99,52 @@ def time_builds(build: Builder, source: Dataset, card: ModelCard, findings: list
     return times
 
 
+def save_as_bytes(sr: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    sr.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def serialisers() -> dict[str, Callable[[Dataset], bytes]]:
+    found: dict[str, Callable[[Dataset], bytes]] = {"save_as": save_as_bytes}
+    lean = getattr(report, "sr_bytes", None)
+    if lean is not None:
+        found["sr_bytes"] = lean
+    return found
+
+
+def time_serialise(serialise: Callable[[Dataset], bytes], sr: Dataset, n: int) -> list[float]:
+    serialise(sr)  # warm the caches
+    times: list[float] = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        serialise(sr)
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return times
+
+
+def print_serialise(all_cases: list, n: int) -> None:
+    found = serialisers()
+    print(f"\nms to serialise one build_sr SR, {n} times each (mean / median / p95)")
+    header = f"{'case':<24}" + "".join(f"{s:>26}" for s in found)
+    if len(found) == 2:
+        header += f"{'speed-up':>10}{'same bytes':>12}"
+    print(header)
+    for name, source, card, findings in all_cases:
+        sr = report.build_sr(source, card, findings, missing_inputs=["age"], now=NOW)
+        row = f"{name:<24}"
+        means = []
+        for serialise in found.values():
+            t = time_serialise(serialise, sr, n)
+            means.append(statistics.fmean(t))
+            row += f"{means[-1]:>10.2f} /{statistics.median(t):>6.2f} /" \
+                   f"{float(np.percentile(t, 95)):>6.2f}"
+        if len(means) == 2:
+            same = len({s(sr) for s in found.values()}) == 1
+            row += f"{means[0] / means[1]:>9.1f}x{'yes' if same else 'NO':>12}"
+        print(row, flush=True)
+
+
 def builders() -> dict[str, Builder]:
     found = {"build_sr": report.build_sr}
     direct = getattr(report, "build_sr_highdicom", None)
@@ -139,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(means) == 2:
             row += f"{means[0] / means[1]:>9.1f}x"
         print(row, flush=True)
+    print_serialise(all_cases, args.n)
     return 0
 
 

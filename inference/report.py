@@ -36,7 +36,10 @@ SOP class, image library) with highdicom, with placeholder values, and for
 each image clones that content, fills in the image's values the way highdicom
 would set them, and adds the header highdicom's SR classes would write. The
 result equals :func:`build_sr_highdicom` element by element (tests compare
-them) in about a tenth of the time.
+them) in about a tenth of the time. pydicom's writer then costs twice the
+build (~9 ms); :func:`sr_bytes` writes the same bytes in about 1 ms, with a
+writer for the SR's closed set of value types that mirrors pydicom's and
+leaves anything else (and SRs not built from a template) to ``save_as``.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ import functools
 import logging
 import math
 import re
+import struct
 import threading
 import warnings
 from collections import OrderedDict
@@ -59,18 +63,30 @@ from typing import Any
 import highdicom as hd
 import numpy as np
 import pydicom
+import pydicom.charset as _charset_module
+import pydicom.filewriter as _fw
 from highdicom.base_content import ContributingEquipment
 from highdicom.sr import CodedConcept
 from pydicom.charset import python_encoding
 from pydicom.datadict import dictionary_VM, dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 from pydicom.uid import UID, Comprehensive3DSRStorage, ExplicitVRLittleEndian
-from pydicom.valuerep import DA, DS, DT, TM, VALIDATORS, format_number_as_ds
+from pydicom.valuerep import (
+    AMBIGUOUS_VR,
+    DA,
+    DS,
+    DT,
+    EXPLICIT_VR_LENGTH_32,
+    TM,
+    VALIDATORS,
+    format_number_as_ds,
+)
 
 from .card import Code, ModelCard
 from .errors import BadInput, JobOutcome
@@ -1314,6 +1330,287 @@ def build_sr(
         raise
     except _BUILD_ERRORS as exc:
         raise _cannot_build(exc) from None
+
+
+# --------------------------------------------------------------------------
+# The SR's bytes: a lean writer for the datasets build_sr makes.
+#
+# pydicom's writer costs about 9 ms for one SR (~100 nested items, each walked
+# by correct_ambiguous_vr, each element through a fresh buffer). The SR holds
+# a closed set of value types, so the writer below encodes them directly,
+# mirroring pydicom's writer step by step (tag order, defined lengths, padding,
+# character sets per item, the element writers' formatting), and hands any
+# element it does not mirror (person names, non-ASCII text, unusual values) to
+# pydicom's own element writer. Its output is byte for byte what
+# ``save_as(..., enforce_file_format=True)`` writes (tests compare them); a
+# dataset it cannot vouch for is left to save_as altogether.
+
+
+class _LeaveToPydicom(Exception):
+    """The lean writer does not mirror pydicom for this dataset."""
+
+
+_EXPLICIT_LITTLE = (False, True)
+_LONG_LENGTH_VRS = frozenset(vr.value for vr in EXPLICIT_VR_LENGTH_32)
+_AMBIGUOUS_VRS = frozenset(vr.value for vr in AMBIGUOUS_VR)
+_ITEM = b"\xfe\xff\x00\xe0"
+_ITEM_END = b"\xfe\xff\x0d\xe0\x00\x00\x00\x00"
+_SEQUENCE_END = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+_UNDEFINED = b"\xff\xff\xff\xff"
+_pack = struct.pack
+
+
+def _writer_kinds() -> dict[str, tuple[str, str]]:
+    """How pydicom's writer encodes each VR's value, for the VRs mirrored here."""
+    kinds: dict[str, tuple[str, str]] = {}
+    for vr, (fn, param) in _fw.writers.items():
+        if vr.value in _AMBIGUOUS_VRS:
+            continue
+        if fn is _fw.write_UI:
+            kinds[vr.value] = ("string", "\0")
+        elif fn is _fw.write_string:
+            kinds[vr.value] = ("string", " ")
+        elif fn in (_fw.write_DA, _fw.write_DT, _fw.write_TM):
+            kinds[vr.value] = ("date", " ")
+        elif fn is _fw.write_text:
+            kinds[vr.value] = ("text", "")
+        elif fn is _fw.write_number_string:
+            kinds[vr.value] = ("number string", "")
+        elif fn is _fw.write_numbers and param:
+            kinds[vr.value] = ("binary", param)
+        elif fn in (_fw.write_OBvalue, _fw.write_OWvalue):
+            kinds[vr.value] = ("bytes", "")
+        elif fn is _fw.write_sequence:
+            kinds[vr.value] = ("sequence", "")
+        # the others (PN, AT, UN) go to pydicom's element writer
+    return kinds
+
+
+_KINDS = _writer_kinds()
+_DATE_FORMATS = {cls: form for cls, form in ((DA, getattr(_fw, "_format_DA", None)),
+                                             (DT, getattr(_fw, "_format_DT", None)),
+                                             (TM, getattr(_fw, "_format_TM", None)))
+                 if form is not None}
+_HEADERS: dict[tuple[int, str], bytes] = {}
+_ENCODINGS: dict[Any, tuple[list[str], bool]] = {}
+
+
+def _element_header(tag: int, vr: str) -> bytes:
+    """Tag and VR (and the reserved bytes of a 4-byte length), Explicit VR Little Endian."""
+    key = (tag, vr)
+    head = _HEADERS.get(key)
+    if head is None:
+        head = _pack("<HH", tag >> 16, tag & 0xFFFF) + vr.encode("ascii")
+        if vr in _LONG_LENGTH_VRS:
+            head += b"\0\0"
+        if len(_HEADERS) < 4096:
+            _HEADERS[key] = head
+    return head
+
+
+def _ascii_as_is(codec: str) -> bool:
+    """Whether pydicom's encode_string writes ASCII text as ASCII bytes with this first codec."""
+    if codec in _charset_module.custom_encoders or \
+            codec in _charset_module.need_tail_escape_sequence_encodings:
+        return False
+    ascii = "".join(map(chr, range(128)))
+    try:
+        return ascii.encode(codec) == ascii.encode("ascii")
+    except (LookupError, UnicodeError):
+        return False
+
+
+def _encodings(value: Any) -> tuple[list[str], bool]:
+    """(pydicom's codecs for a Specific Character Set value, whether ASCII text is as is)."""
+    key = value if isinstance(value, str) else tuple(value)
+    found = _ENCODINGS.get(key)
+    if found is None:
+        codecs_ = _charset_module.convert_encodings(value)
+        found = (codecs_, bool(codecs_) and _ascii_as_is(codecs_[0]))
+        if len(_ENCODINGS) < 64:
+            _ENCODINGS[key] = found
+    return found
+
+
+def _pydicom_element(elem: DataElement, encodings: list[str]) -> bytes:
+    """One element as pydicom's own element writer encodes it."""
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    _fw.write_data_element(buffer, elem, encodings)
+    return buffer.getvalue()
+
+
+def _strings(value: Any) -> str | None:
+    """A string value or multi-value as pydicom's multi_string joins it; None if not strings."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list | tuple | MultiValue) and all(isinstance(v, str) for v in value):
+        return "\\".join(value)
+    return None
+
+
+def _value(kind: str, param: str, value: Any, ascii_as_is: bool) -> bytes | None:
+    """The encoded, padded value, as pydicom's writer for the VR makes it; None to delegate."""
+    if value is None:
+        return b""
+    if kind == "string" or kind == "date":
+        text = _strings(value)
+        if text is None:
+            if kind != "date" or not isinstance(value, dt.date | dt.time):
+                return None
+            form = _DATE_FORMATS.get(type(value))
+            if form is None:
+                return None
+            text = form(value)  # pydicom's formatting of a DA, DT or TM object
+        if len(text) % 2:
+            text += param
+        return text.encode(_charset_module.default_encoding)
+    if kind == "text":
+        text = _strings(value)
+        if text is None or not (ascii_as_is and text.isascii()):
+            return None
+        if len(text) % 2:
+            text += " "
+        return text.encode("ascii")
+    if kind == "number string":
+        if isinstance(value, list | tuple | MultiValue):
+            text = "\\".join(v.original_string if hasattr(v, "original_string") else str(v)
+                             for v in value)
+        elif isinstance(value, str | int | float):
+            text = value.original_string if hasattr(value, "original_string") else str(value)
+        else:
+            return None
+        if len(text) % 2:
+            text += " "
+        return text.encode(_charset_module.default_encoding)
+    if kind == "binary":
+        if isinstance(value, list | MultiValue):
+            return _pack(f"<{len(value)}{param}", *value)
+        if isinstance(value, int | float) and not isinstance(value, str):
+            return _pack(f"<{param}", value)
+        if value == "":
+            return b""
+        return None
+    if kind == "bytes":
+        if isinstance(value, bytes):
+            return value + b"\0" if len(value) % 2 else value
+        return None
+    return None
+
+
+def _dataset_bytes(ds: Dataset, parent: Any, out: list[bytes], skip: int = -1) -> None:
+    """``ds`` as pydicom's write_dataset encodes it (Explicit VR Little Endian), into ``out``."""
+    elements = ds._dict
+    convert = ds.original_encoding != _EXPLICIT_LITTLE or \
+        ds.original_character_set != ds._character_set
+    charset = ds.get("SpecificCharacterSet", parent) if 0x00080005 in elements else parent
+    encodings, ascii_as_is = _encodings(charset or [_charset_module.default_encoding])
+    # plain ints: BaseTag compares in Python, sorting and looking up in _HEADERS
+    for tag, elem in sorted(zip(map(int, elements), elements.values(), strict=True)):
+        if (tag & 0xFFFF == 0 and tag >> 16 > 6) or tag == skip:
+            continue  # retired group lengths: pydicom leaves them out
+        if type(elem) is not DataElement:
+            if not convert:  # pydicom writes it as read, or converts it on an ancestor's walk
+                raise _LeaveToPydicom("raw element")
+            elem = ds[tag]
+        vr = elem.VR
+        kind = _KINDS.get(vr)
+        if kind is None:
+            if vr in _AMBIGUOUS_VRS or vr not in _fw.writers:
+                raise _LeaveToPydicom(f"VR {vr}")
+            out.append(_pydicom_element(elem, encodings))
+            continue
+        if kind[0] == "sequence":
+            head = _element_header(tag, vr)
+            items: list[bytes] = []
+            for item in elem._value:
+                body: list[bytes] = []
+                _dataset_bytes(item, encodings, body)
+                data = b"".join(body)
+                if getattr(item, "is_undefined_length_sequence_item", False):
+                    items += (_ITEM, _UNDEFINED, data, _ITEM_END)
+                else:
+                    items += (_ITEM, _pack("<L", len(data)), data)
+            data = b"".join(items)
+            if elem.is_undefined_length:
+                out += (head, _UNDEFINED, data, _SEQUENCE_END)
+            else:
+                out += (head, _pack("<L", len(data)), data)
+            continue
+        data = None if elem.is_undefined_length else \
+            _value(kind[0], kind[1], elem._value, ascii_as_is)
+        if data is None:
+            out.append(_pydicom_element(elem, encodings))
+        elif vr in _LONG_LENGTH_VRS:
+            out += (_element_header(tag, vr), _pack("<L", len(data)), data)
+        elif len(data) <= 0xFFFF:
+            out += (_element_header(tag, vr), _pack("<H", len(data)), data)
+        else:  # pydicom writes it as UN, with a warning
+            out.append(_pydicom_element(elem, encodings))
+
+
+def _required_meta(meta: FileMetaDataset, sr: Dataset) -> bool:
+    """Whether save_as would write ``meta`` as it is (but for the group length)."""
+    elements = meta._dict
+    if any(tag >> 16 != 2 for tag in elements):
+        return False
+    for tag in (0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012):
+        if tag not in elements or meta[tag].is_empty:
+            return False
+    if 0x00020013 not in elements:
+        return False
+    if 0x00020000 in elements and meta[0x00020000].VR != "UL":
+        return False
+    if meta.TransferSyntaxUID != ExplicitVRLittleEndian:
+        return False
+    for meta_keyword, keyword in (("MediaStorageSOPClassUID", "SOPClassUID"),
+                                  ("MediaStorageSOPInstanceUID", "SOPInstanceUID")):
+        value = sr.get(keyword)
+        if value and value != meta.get(meta_keyword):
+            return False
+    return True
+
+
+def _part10(sr: Dataset) -> bytes | None:
+    """What ``sr.save_as(fp, enforce_file_format=True)`` writes, or None where unsure."""
+    meta = getattr(sr, "file_meta", None)
+    preamble = getattr(sr, "preamble", None)
+    if not isinstance(meta, FileMetaDataset) or not _required_meta(meta, sr):
+        return None
+    if preamble is not None and (not isinstance(preamble, bytes) or len(preamble) != 128):
+        return None
+    if sr.original_encoding[1] is False or 0x7FE00010 in sr._dict or \
+            any(tag >> 16 in (0, 2) for tag in sr._dict):
+        return None
+    default = _charset_module.default_encoding
+    meta_body: list[bytes] = []
+    _dataset_bytes(meta, default, meta_body, skip=0x00020000)
+    meta_data = b"".join(meta_body)
+    out = [preamble or b"\0" * 128, b"DICM", b"\x02\x00\x00\x00UL\x04\x00",
+           _pack("<L", len(meta_data)), meta_data]
+    _dataset_bytes(sr, default, out)
+    return b"".join(out)
+
+
+def sr_bytes(sr: Dataset) -> bytes:
+    """The SR as a DICOM Part 10 file, Explicit VR Little Endian.
+
+    The bytes ``sr.save_as(fp, enforce_file_format=True)`` writes; for an SR
+    from the template path (:func:`build_sr`) in a fraction of its time.
+    """
+    data = None
+    if isinstance(sr, _TemplatedComprehensive3DSR):
+        try:
+            data = _part10(sr)
+        except Exception as exc:  # noqa: BLE001 - pydicom's writer decides then
+            log.debug("orthanc-ai: lean SR writer declined (%s); using pydicom",
+                      type(exc).__name__)
+            data = None
+    if data is None:
+        buffer = BytesIO()
+        sr.save_as(buffer, enforce_file_format=True)
+        data = buffer.getvalue()
+    return data
 
 
 if not _FAST:

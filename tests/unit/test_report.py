@@ -21,7 +21,8 @@ from pydicom.data import get_charset_files, get_testdata_file
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.valuerep import DSdecimal
+from pydicom.multival import MultiValue
+from pydicom.valuerep import DA, DT, TM, DSdecimal
 
 from inference import report
 from inference.card import ModelCard
@@ -57,9 +58,74 @@ def source():
 
 
 def _save_and_read(sr, tmp_path):
+    """The SR's file as the engine stores it (report.sr_bytes, checked), and read back."""
     path = tmp_path / "sr.dcm"
-    sr.save_as(path, enforce_file_format=True)
+    path.write_bytes(_checked_bytes(sr))
     return path, pydicom.dcmread(path)
+
+
+def _saved(sr) -> bytes:
+    buffer = io.BytesIO()
+    sr.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _checked_bytes(sr) -> bytes:
+    """report.sr_bytes(sr): pydicom's save_as bytes, reading back to the dataset built."""
+    data = report.sr_bytes(sr)
+    if isinstance(sr, report._TemplatedComprehensive3DSR):
+        assert report._part10(sr) == data  # the lean writer wrote them; it did not decline
+    saved = _saved(sr)
+    assert data == saved
+    back = pydicom.dcmread(io.BytesIO(data))
+    assert _read_back_differences(sr, back) == []
+    # the group length written is the group's (highdicom's value counts its own 12 bytes)
+    length = back.file_meta.FileMetaInformationGroupLength
+    assert data[128:144] == b"DICM\x02\x00\x00\x00UL\x04\x00" + struct.pack("<L", length)
+    assert data[144 + length:146 + length] == b"\x08\x00"  # the dataset starts there
+    assert _differences(back, pydicom.dcmread(io.BytesIO(saved))) == []
+    return data
+
+
+def _as_read(vr: str, value) -> object:
+    """A value in the form pydicom reads it from a file, to compare a built one with."""
+    values = list(value) if isinstance(value, list | tuple | MultiValue) else [value]
+    if not values or values == [None] or values == [""] or values == [b""]:
+        return None
+    if vr in ("DA", "DT", "TM"):
+        parse = {"DA": DA, "DT": DT, "TM": TM}[vr]
+        return [parse(v) for v in values]
+    if vr == "DS":
+        return [float(v) for v in values]
+    if vr == "IS":
+        return [int(v) for v in values]
+    if vr in ("PN", "UI") or isinstance(values[0], str):
+        return [str(v) for v in values]
+    return values
+
+
+def _read_back_differences(built: Dataset, back: Dataset, path: str = "") -> list[str]:
+    """Where a dataset read from a file differs from the one written (tags, VRs, values)."""
+    found = []
+    if path == "":
+        found += _read_back_differences(built.file_meta, back.file_meta, "file_meta")
+    if set(built.keys()) != set(back.keys()):
+        found.append(f"{path}: only in one: {sorted(set(built.keys()) ^ set(back.keys()))}")
+    for tag in sorted(set(built.keys()) & set(back.keys())):
+        x, y = built[tag], back[tag]
+        here = f"{path}/{x.keyword or tag}"
+        if x.VR != y.VR:
+            found.append(f"{here}: VR {x.VR} != {y.VR}")
+        elif tag == 0x00020000:
+            continue  # the writer's to compute (checked in _checked_bytes)
+        elif x.VR == "SQ":
+            if len(x.value) != len(y.value):
+                found.append(f"{here}: {len(x.value)} items != {len(y.value)}")
+            for i, (p, q) in enumerate(zip(x.value, y.value, strict=False)):
+                found += _read_back_differences(p, q, f"{here}[{i}]")
+        elif _as_read(x.VR, x.value) != _as_read(y.VR, y.value):
+            found.append(f"{here}: {x.value!r} != {y.value!r}")
+    return found
 
 
 def _items(ds, found=None):
@@ -544,7 +610,8 @@ def _decimal_spacing(dx: Dataset) -> Dataset:
     ("dx", POSITIVE, {"predecessor": "previous"}),
 ], ids=["dx-positive", "dx-negative", "dx-unlocated", "ct-volume", "ct-negative", "cr-positive",
         "two-findings", "ct-no-slice-thickness", "dx-decimal-spacing", "revision"])
-def test_fast_build_equals_highdicom(card, dx, ct, source, source_name, findings, kwargs):
+def test_fast_build_equals_highdicom(card, dx, ct, source, source_name, findings, kwargs,
+                                     tmp_path):
     sources = {"dx": dx, "ct": ct, "rg1": source, "ct-no-slice-thickness": _no_slice_thickness(ct),
                "dx-decimal-spacing": _decimal_spacing(dx)}
     src = sources[source_name]
@@ -559,6 +626,12 @@ def test_fast_build_equals_highdicom(card, dx, ct, source, source_name, findings
     assert _bytes(fast) == _bytes(direct)
     assert type(fast.content) is type(direct.content)
     assert _differences(fast.content[0], direct.content[0], "content") == []
+    # its bytes: the lean writer's, save_as's, valid; and it writes highdicom's SR alike
+    path = tmp_path / "fast.dcm"
+    path.write_bytes(_checked_bytes(fast))
+    assert _errors(path) == []
+    assert report._part10(direct) == _saved(direct)
+    assert report.sr_bytes(direct) == _saved(direct)  # not from a template: save_as
 
 
 def test_cached_template_is_not_shared_between_srs(card, dx):
@@ -567,7 +640,58 @@ def test_cached_template_is_not_shared_between_srs(card, dx):
     second = build_sr(dx, card, [Finding(0.91, 0.5, Region(5.0, 6.0, 7.0, 8.0))], now=NOW)
     second.ContentSequence[-1].ContentSequence[0].ContentSequence[0].TextValue = "changed"
     assert _bytes(first) == kept
+    assert b"changed" in _checked_bytes(second)  # the bytes are the dataset's, as it is now
     third = build_sr(dx, card, [Finding(0.5, 0.5, Region(1.0, 2.0, 3.0, 4.0))], now=NOW)
     direct = build_sr_highdicom(dx, card, [Finding(0.5, 0.5, Region(1.0, 2.0, 3.0, 4.0))],
                                 now=NOW)
     assert _differences(third, direct) == []
+
+
+# --------------------------------------------------------------------------
+# The SR's bytes: report.sr_bytes writes what save_as writes, faster.
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize(("charset", "name", "institution"), [
+    ("ISO_IR 100", b"M\xfcller^Hans", b"H\xf4pital Z\xfcrich"),
+    ("ISO_IR 192", "Müller^Hans".encode(), "Hôpital Zürich".encode()),
+    ("ISO_IR 192", "Ἀθηνᾶ^Παλλάς".encode(), "Πανεπιστήμιο".encode()),
+    (None, b"Mueller^Hans", b"Hopital Zurich"),
+], ids=["latin-1", "utf-8", "utf-8-greek", "ascii"])
+def test_sr_bytes_with_non_ascii_text(card, dx, tmp_path, charset, name, institution):
+    source = _source(dx, {"SpecificCharacterSet": charset, "PatientName": name,
+                          "InstitutionName": institution})
+    notes = ["Größe geschätzt", "plain note"] if charset else ["plain note"]
+    sr = build_sr(source, card, [*POSITIVE, Finding(0.3, 0.5, None, volume_ml=2.5)],
+                  missing_inputs=["âge" if charset else "age"], notes=notes, now=NOW)
+    assert isinstance(sr, report._TemplatedComprehensive3DSR)
+    assert sr.get("SpecificCharacterSet") == charset
+    path, back = _save_and_read(sr, tmp_path)
+    assert str(back.PatientName) == str(source.PatientName)
+    assert str(back.InstitutionName) == str(source.InstitutionName)
+    assert {f"note: {n}" for n in notes} <= set(_parameters(back))
+    assert _errors(path) == []
+
+
+def test_sr_file_writes_sr_bytes(card, dx):
+    from engine.context import sr_file
+
+    sr = build_sr(dx, card, POSITIVE, now=NOW)
+    assert sr_file(sr) == report.sr_bytes(sr) == _saved(sr)
+
+
+def test_sr_bytes_leaves_what_it_does_not_mirror_to_save_as(card, dx):
+    sr = build_sr(dx, card, POSITIVE, now=NOW)
+    sr.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"  # save_as writes the dataset's
+    assert report._part10(sr) is None
+    assert report.sr_bytes(sr) == _saved(sr)
+    assert pydicom.dcmread(io.BytesIO(report.sr_bytes(sr))).file_meta \
+        .MediaStorageSOPInstanceUID == sr.SOPInstanceUID
+    sr = build_sr(dx, card, POSITIVE, now=NOW)
+    sr.PixelRepresentation = 1
+    sr.add(DataElement(0x00280106, "US or SS", -1))  # ambiguous: pydicom corrects it
+    with pytest.raises(report._LeaveToPydicom):
+        report._part10(sr)
+    data = report.sr_bytes(sr)
+    assert pydicom.dcmread(io.BytesIO(data))[0x00280106].VR == "SS"
+    assert data == _saved(sr)
