@@ -44,7 +44,7 @@ from inference.preprocess import prepare_radiograph
 from inference.report import sr_uids
 
 # Test helpers: what exists to run a real Orthanc and PostgreSQL (see bench/README.md).
-from tests.harness import STORESCU, OrthancAI, dx_corpus, write_config
+from tests.harness import STORESCU, OrthancAI, dx_corpus, node_config, write_config
 
 MODEL_ID = "limb-fracture-xr"
 MEASURES = ("ingest", "pipeline", "latency", "memory", "stream", "nodes")
@@ -468,21 +468,6 @@ def bench_stream(work: Path, n: int, extra: dict, idle_rate: float) -> dict:
 
 
 # -- two nodes on PostgreSQL ---------------------------------------------------
-
-def node_config(path: Path, pg: Any, orthanc_db: str, queue_url: str, name: str,
-                **ai: Any) -> Path:
-    """Orthanc's index and storage in PostgreSQL (orthanc-postgresql), the queue too."""
-    if ai.get("Enabled", True):
-        ai = {"QueueDatabase": queue_url, "NodeName": name, **ai}
-    config = write_config(path, **ai)
-    data = json.loads(config.read_text())
-    data["PostgreSQL"] = {"EnableIndex": True, "EnableStorage": True, "Host": "127.0.0.1",
-                          "Port": pg.port, "Database": orthanc_db, "Username": "postgres",
-                          "Password": "", "Lock": False, "EnableSsl": False}
-    data["DatabaseServerIdentifier"] = name
-    config.write_text(json.dumps(data, indent=2))
-    return config
-
 
 def bench_nodes(work: Path, files: list[Path], extra: dict, sqlite_rate: float) -> dict:
     """The same backlog worked by two nodes sharing PostgreSQL (archive and queue)."""

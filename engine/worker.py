@@ -176,6 +176,21 @@ class Worker:
             except Exception as exc:
                 log.warning("orthanc-ai: lease renewal failed: %s", type(exc).__name__)
 
+    def changes_cursor(self, store: Any = None) -> int:
+        """Where the change log is read from; on the very first start, its end.
+
+        Called before the worker says it is ready, so that a stop right after
+        the first start still leaves the cursor: what is stored while the
+        plugin is off is then analysed at the next start.
+        """
+        store = store or self.ctx.store
+        saved = store.get_value("changes_cursor")
+        if saved is None:
+            last = int(self.ctx.source.get_json("/changes?last")["Last"])
+            store.add_changes([], last)
+            saved = store.get_value("changes_cursor") or str(last)
+        return int(saved)
+
     def _follow_changes(self) -> None:
         """Copy NewInstance/StableSeries changes into the durable inbox, with the cursor.
 
@@ -194,12 +209,7 @@ class Worker:
         while not self.stop.is_set():
             try:
                 if cursor is None:
-                    saved = store.get_value("changes_cursor")
-                    if saved is None:
-                        last = int(source.get_json("/changes?last")["Last"])
-                        store.add_changes([], last)
-                        saved = str(last)
-                    cursor = int(saved)
+                    cursor = self.changes_cursor(store)
                 page = source.changes(cursor, limit=500)
                 items = [(kinds[c["ChangeType"]], c["ID"])
                          for c in page.get("Changes", []) if c.get("ChangeType") in kinds]
@@ -305,9 +315,19 @@ def main() -> int:
     threading.Thread(target=_read_stdin, args=(wake, stop), daemon=True).start()
     ctx = build_context(boot)
     models = load_models(ctx)
+    worker = Worker(ctx, follow_changes=boot.get("index", 0) == 0, wake=wake, stop=stop)
+    if worker.follow:
+        while not stop.is_set():
+            try:
+                worker.changes_cursor()
+                break
+            except Exception as exc:  # Orthanc still starting: its REST API answers soon
+                log.warning("orthanc-ai: the change log cannot be read yet: %s",
+                            getattr(exc, "reason", type(exc).__name__))
+                stop.wait(1.0)
     log.warning("orthanc-ai: worker %s ready, models %s", ctx.owner, sorted(models))
     _status(event="ready", pid=os.getpid(), models=models)
-    Worker(ctx, follow_changes=boot.get("index", 0) == 0, wake=wake, stop=stop).run()
+    worker.run()
     log.warning("orthanc-ai: worker %s stopped", ctx.owner)
     return 0
 

@@ -169,6 +169,23 @@ def write_config(path: Path, **ai: Any) -> Path:
     return path
 
 
+def node_config(path: Path, pg: Any, orthanc_db: str, queue_url: str, name: str,
+                **ai: Any) -> Path:
+    """Orthanc's index and storage in PostgreSQL (orthanc-postgresql), the queue too."""
+    if ai.get("Enabled", True):
+        ai = {"QueueDatabase": queue_url, "NodeName": name, **ai}
+    import json
+
+    config = write_config(path, **ai)
+    data = json.loads(config.read_text())
+    data["PostgreSQL"] = {"EnableIndex": True, "EnableStorage": True, "Host": "127.0.0.1",
+                          "Port": pg.port, "Database": orthanc_db, "Username": "postgres",
+                          "Password": "", "Lock": False, "EnableSsl": False}
+    data["DatabaseServerIdentifier"] = name
+    config.write_text(json.dumps(data, indent=2))
+    return config
+
+
 def dx_corpus(folder: Path, n: int, *, base_images: int = 10, seed: int = 1000,
               spacing_mm: float | None = 0.4) -> list[Path]:
     """``n`` distinct DX instances (own study, series and SOP UIDs) from a few phantoms.

@@ -24,6 +24,7 @@ ignored by the insert instead of being triaged a second time.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -116,6 +117,19 @@ class Job:
             "updated": iso(self.updated),
             "result": self.result,
         }
+
+
+def job_from_row(row: Any) -> Job:
+    """A ``jobs`` row (a mapping by column name, as both stores return) as a Job."""
+    return Job(
+        id=row["id"], key=row["job_key"], instance=row["instance"], study=row["study"],
+        series=row["series"], model=row["model"], model_version=row["model_version"],
+        state=row["state"], reason=row["reason"], attempts=row["attempts"],
+        created=row["created"], updated=row["updated"],
+        not_before=row["not_before"] if row["state"] == "failed" else 0.0,
+        result=json.loads(row["result"]) if row["result"] else None,
+        node=row["node"], deaths=row["deaths"],
+    )
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ from .base import (
     Job,
     JobState,
     NewJob,
+    job_from_row,
 )
 
 # Taken while the schema is created, so that nodes starting at the same moment
@@ -102,25 +103,6 @@ _TRANSIENT = (psycopg.OperationalError, psycopg.InterfaceError,
               psycopg.errors.ReadOnlySqlTransaction)
 
 
-def _job(row: dict[str, Any]) -> Job:
-    return Job(
-        id=row["id"],
-        key=row["job_key"],
-        instance=row["instance"],
-        study=row["study"],
-        series=row["series"],
-        model=row["model"],
-        model_version=row["model_version"],
-        state=row["state"],
-        reason=row["reason"],
-        attempts=row["attempts"],
-        created=row["created"],
-        updated=row["updated"],
-        not_before=row["not_before"] if row["state"] == "failed" else 0.0,
-        result=json.loads(row["result"]) if row["result"] else None,
-        node=row["node"],
-        deaths=row["deaths"],
-    )
 
 
 def _node(owner: str) -> str:
@@ -270,7 +252,7 @@ class PostgresJobStore:
                 (job.job_key, job.instance, job.study, job.series, job.model, job.version,
                  JobState(job.state).value, job.reason, now, now),
             ).fetchone()
-        return _job(row) if row else None
+        return job_from_row(row) if row else None
 
     def claim(self, job_id: int, owner: str, lease_seconds: float) -> Job | None:
         now = time.time()
@@ -281,7 +263,7 @@ class PostgresJobStore:
                 " WHERE id=%s AND state='queued' FOR UPDATE SKIP LOCKED) RETURNING *",
                 (now, owner, _node(owner), now + lease_seconds, job_id),
             ).fetchone()
-        return _job(row) if row else None
+        return job_from_row(row) if row else None
 
     def claim_next(self, owner: str, lease_seconds: float, max_attempts: int) -> Job | None:
         now = time.time()
@@ -309,7 +291,7 @@ class PostgresJobStore:
                 " ORDER BY not_before, id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING *",
                 args,
             ).fetchone()
-        return _job(row) if row else None
+        return job_from_row(row) if row else None
 
     def renew(self, owner: str, lease_seconds: float) -> int:
         until = time.time() + lease_seconds
@@ -350,7 +332,7 @@ class PostgresJobStore:
                 " WHERE id=%s AND state <> 'running' RETURNING *",
                 (time.time(), job_id),
             ).fetchone()
-        return _job(row) if row else None
+        return job_from_row(row) if row else None
 
     def delete(self, job_id: int) -> None:
         with self._db() as db:
@@ -359,13 +341,13 @@ class PostgresJobStore:
     def get(self, job_id: int) -> Job | None:
         with self._db() as db:
             row = db.execute("SELECT * FROM jobs WHERE id=%s", (job_id,)).fetchone()
-        return _job(row) if row else None
+        return job_from_row(row) if row else None
 
     def for_instance(self, instance: str) -> list[Job]:
         with self._db() as db:
             rows = db.execute("SELECT * FROM jobs WHERE instance=%s ORDER BY id",
                               (instance,)).fetchall()
-        return [_job(r) for r in rows]
+        return [job_from_row(r) for r in rows]
 
     def list(self, *, state: str | None = None, study: str | None = None,
              model: str | None = None, instance: str | None = None,
@@ -382,7 +364,7 @@ class PostgresJobStore:
                 f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY id LIMIT %s",
                 (*args, limit),
             ).fetchall()
-        return [_job(r) for r in rows]
+        return [job_from_row(r) for r in rows]
 
     def counts(self) -> dict[str, int]:
         with self._db() as db:

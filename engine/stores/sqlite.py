@@ -28,6 +28,7 @@ from .base import (
     Job,
     JobState,
     NewJob,
+    job_from_row,
 )
 
 _SCHEMA = """
@@ -72,25 +73,6 @@ CREATE INDEX IF NOT EXISTS inbox_todo ON inbox(done, received);
 """
 
 
-def _job(row: sqlite3.Row) -> Job:
-    return Job(
-        id=row["id"],
-        key=row["job_key"],
-        instance=row["instance"],
-        study=row["study"],
-        series=row["series"],
-        model=row["model"],
-        model_version=row["model_version"],
-        state=row["state"],
-        reason=row["reason"],
-        attempts=row["attempts"],
-        created=row["created"],
-        updated=row["updated"],
-        not_before=row["not_before"] if row["state"] == "failed" else 0.0,
-        result=json.loads(row["result"]) if row["result"] else None,
-        node=row["node"],
-        deaths=row["deaths"],
-    )
 
 
 _NO_LOCK = nullcontext()
@@ -185,7 +167,7 @@ class SqliteJobStore:
             if cur.rowcount == 0:
                 return None
             row = db.execute("SELECT * FROM jobs WHERE id=?", (cur.lastrowid,)).fetchone()
-        return _job(row)
+        return job_from_row(row)
 
     def claim(self, job_id: int, owner: str, lease_seconds: float) -> Job | None:
         now = time.time()
@@ -195,7 +177,7 @@ class SqliteJobStore:
                 " node=?, lease_until=? WHERE id=? AND state='queued' RETURNING *",
                 (now, owner, _node(owner), now + lease_seconds, job_id),
             ).fetchone()
-        return _job(row) if row else None
+        return job_from_row(row) if row else None
 
     def claim_next(self, owner: str, lease_seconds: float, max_attempts: int) -> Job | None:
         now = time.time()
@@ -216,7 +198,7 @@ class SqliteJobStore:
                 " ORDER BY not_before, id LIMIT 1) RETURNING *",
                 (now, owner, _node(owner), now + lease_seconds, now, now, now),
             ).fetchone()
-        return _job(row) if row else None
+        return job_from_row(row) if row else None
 
     def renew(self, owner: str, lease_seconds: float) -> int:
         until = time.time() + lease_seconds
@@ -255,7 +237,7 @@ class SqliteJobStore:
                 " WHERE id=? AND state != 'running' RETURNING *",
                 (time.time(), job_id),
             ).fetchone()
-        return _job(row) if row else None
+        return job_from_row(row) if row else None
 
     def delete(self, job_id: int) -> None:
         with self._tx() as db:
@@ -263,12 +245,12 @@ class SqliteJobStore:
 
     def get(self, job_id: int) -> Job | None:
         row = self._conn().execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
-        return _job(row) if row else None
+        return job_from_row(row) if row else None
 
     def for_instance(self, instance: str) -> list[Job]:
         rows = self._conn().execute(
             "SELECT * FROM jobs WHERE instance=? ORDER BY id", (instance,)).fetchall()
-        return [_job(r) for r in rows]
+        return [job_from_row(r) for r in rows]
 
     def list(self, *, state: str | None = None, study: str | None = None,
              model: str | None = None, instance: str | None = None,
@@ -284,7 +266,7 @@ class SqliteJobStore:
             f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY id LIMIT ?",
             (*args, limit),
         ).fetchall()
-        return [_job(r) for r in rows]
+        return [job_from_row(r) for r in rows]
 
     def counts(self) -> dict[str, int]:
         rows = self._conn().execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")

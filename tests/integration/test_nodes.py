@@ -8,7 +8,7 @@ from collections import Counter
 
 import pydicom
 
-from tests.harness import OrthancAI, dx_corpus, write_config
+from tests.harness import OrthancAI, dx_corpus, node_config
 
 MODEL = "limb-fracture-xr"
 LEASE = 10
@@ -17,18 +17,8 @@ LEASE = 10
 def _node_config(path, pg, orthanc_db: str, queue_url: str, name: str):
     # Batches filled for up to a second: each node holds its jobs long enough
     # to be caught holding some.
-    config = write_config(path, QueueDatabase=queue_url, LeaseSeconds=LEASE,
-                          NodeName=name, BatchSize=16, BatchWaitMs=1000)
-    import json
-
-    data = json.loads(config.read_text())
-    # Orthanc's own index and storage, shared the standard way (orthanc-postgresql).
-    data["PostgreSQL"] = {"EnableIndex": True, "EnableStorage": True, "Host": "127.0.0.1",
-                          "Port": pg.port, "Database": orthanc_db, "Username": "postgres",
-                          "Password": "", "Lock": False, "EnableSsl": False}
-    data["DatabaseServerIdentifier"] = name
-    config.write_text(json.dumps(data, indent=2))
-    return config
+    return node_config(path, pg, orthanc_db, queue_url, name, LeaseSeconds=LEASE,
+                       BatchSize=16, BatchWaitMs=1000)
 
 
 def test_two_nodes_share_the_work_and_the_survivor_takes_over_a_dead_nodes_jobs(
