@@ -164,10 +164,13 @@ class Triage:
                          + [(InboxKind.SERIES, s) for s in series], again=True)
 
 
-def died_in_triage(item: InboxItem) -> NewJob:
-    """An item whose triage killed its worker every time: failed, for good."""
-    reason = "the worker died while triaging this input; not retried automatically"
+DIED_IN_TRIAGE = "the worker died while triaging this input; not retried automatically"
+
+
+def triage_failed(item: InboxItem, reason: str) -> NewJob:
+    """The outcome of an item that could not be triaged: failed, for good."""
     if item.kind == InboxKind.SERIES:
         return NewJob("", None, item.resource, state=JobState.FAILED, reason=reason,
                       key=f"series:{item.resource}@triage||")
-    return NewJob(item.resource, None, None, state=JobState.FAILED, reason=reason)
+    return NewJob(item.resource, None, None, state=JobState.FAILED, reason=reason,
+                  key=f"{item.kind}:{item.resource}@triage||")

@@ -118,11 +118,11 @@ class Worker:
         from inference.errors import TransientError
 
         from .stores import JobState
-        from .triage import died_in_triage
+        from .triage import DIED_IN_TRIAGE, triage_failed
 
         ctx = self.ctx
-        if item.attempts > ctx.config.max_attempts:
-            ctx.ledger.record(died_in_triage(item))
+        if item.attempts > ctx.config.max_attempts:  # its triage killed the worker each time
+            ctx.ledger.record(triage_failed(item, DIED_IN_TRIAGE))
             ctx.store.ack_inbox([item.row], ctx.owner)
             return []
         try:
@@ -131,17 +131,10 @@ class Worker:
             log.warning("orthanc-ai: triage postponed: %s", exc.reason)
             ctx.store.release_inbox([item.row], delay=2.0)
             return []
-        except Exception as exc:
+        except Exception as exc:  # a bug: the traceback here, the type in the job
             log.exception("orthanc-ai: triage failed")
-            from .stores import NewJob
-
-            decision_jobs = [NewJob(item.resource if item.kind != "series" else "", None,
-                                    item.resource if item.kind == "series" else None,
-                                    state=JobState.FAILED,
-                                    reason=f"internal error in triage: {type(exc).__name__}",
-                                    key=f"{item.kind}:{item.resource}@triage||")]
-            for spec in decision_jobs:
-                ctx.ledger.record(spec)
+            ctx.ledger.record(triage_failed(
+                item, f"internal error in triage: {type(exc).__name__}"))
             ctx.store.ack_inbox([item.row], ctx.owner)
             return []
         claimed = []
