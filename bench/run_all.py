@@ -651,6 +651,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     parser.add_argument("--models", type=Path, default=PROJECT_ROOT / "models")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--scheduling", choices=("normal", "idle"), default="normal",
+                        help="AI.WorkerScheduling of the measured servers")
     parser.add_argument("--only", choices=MEASURES, action="append",
                         help="run only these measures (default: all)")
     args = parser.parse_args(argv)
@@ -661,9 +663,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     only = set(args.only or MEASURES)
     extra = {"Backend": args.backend, "ModelsDirectory": str(args.models.resolve()),
-             "Workers": args.workers}
+             "Workers": args.workers, "WorkerScheduling": args.scheduling}
     report: dict[str, Any] = {
-        "backend": args.backend, "workers": args.workers, "n_images": args.images,
+        "backend": args.backend, "workers": args.workers, "scheduling": args.scheduling,
+        "n_images": args.images,
         "measures": sorted(only), "date": time.strftime("%Y-%m-%d %H:%M"),
         "cpus": os.cpu_count(), "errors": {}}
 
@@ -710,6 +713,7 @@ def main(argv: list[str] | None = None) -> int:
     name = "report" if not args.only else "report-" + "-".join(sorted(only))
     name += "" if (args.backend, args.workers) == ("in-process", 1) else \
         f"-{args.backend}-w{args.workers}"
+    name += "" if args.scheduling == "normal" else f"-{args.scheduling}"
     (args.out / f"{name}.json").write_text(json.dumps(report, indent=2))
     plot(report, args.out / f"{name}.png")
     print_table(report)

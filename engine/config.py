@@ -90,8 +90,10 @@ class AIConfig(Section):
     backend: Literal["in-process", "http"] = "in-process"
     model_server_url: _HttpUrl = ""  # http backend; empty: the plugin starts our own server
     changes_poll_seconds: StrictFloat = Field(1.0, gt=0)
-    # How much the worker processes yield the CPU to Orthanc.
+    # How much the worker processes yield the CPU to Orthanc: a nice value, or
+    # "idle" scheduling (SCHED_IDLE: they run on CPU time nobody else wants).
     worker_nice: StrictInt = Field(10, ge=0, le=19)
+    worker_scheduling: Literal["normal", "idle"] = "normal"
     routing: _Routing = Field(default_factory=_Routing)
 
     @property

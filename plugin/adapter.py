@@ -122,6 +122,7 @@ class Plugin:
         })
         self.supervisor = Supervisor(self.ai.workers, boot, node=self.node,
                                      log_dir=self.work_dir, env=env, nice=self.ai.worker_nice,
+                                     idle=self.ai.worker_scheduling == "idle",
                                      on_death=self.store.release_owner)
         self.supervisor.start()
 
@@ -139,7 +140,8 @@ class Plugin:
     def enqueue(self, kind: InboxKind, resource_id: str) -> None:
         t0 = time.perf_counter_ns()
         self._pending.append((kind, resource_id))
-        self._pending_ready.set()
+        if not self._pending_ready.is_set():  # set() takes a lock: only when needed
+            self._pending_ready.set()
         if kind == InboxKind.INSTANCE:
             self.callback_ns.append(time.perf_counter_ns() - t0)
 

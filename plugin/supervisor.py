@@ -80,12 +80,13 @@ def _exit_text(code: int) -> str:
 class Supervisor:
     def __init__(self, count: int, boot: dict[str, Any], *, node: str, log_dir: Path,
                  env: dict[str, str], nice: int, on_death: Callable[[str], None],
-                 grace: float = 10.0) -> None:
+                 idle: bool = False, grace: float = 10.0) -> None:
         self.boot = boot
         self.node = node
         self.log_dir = log_dir
         self.env = env
         self.nice = nice
+        self.idle = idle
         self.on_death = on_death
         self.grace = grace
         self.workers = [WorkerProcess(i) for i in range(count)]
@@ -106,10 +107,14 @@ class Supervisor:
 
     def _command(self) -> list[str]:
         cmd = [str(self.python), "-m", "engine.worker"]
-        if self.nice:
+        if self.nice or self.idle:
             # Best-effort I/O class, lowest level: not "idle", which could
             # starve a worker holding the queue's write lock behind Orthanc's writes.
-            cmd = ["nice", "-n", str(self.nice), "ionice", "-c", "2", "-n", "7", *cmd]
+            cmd = ["ionice", "-c", "2", "-n", "7", *cmd]
+        if self.idle:
+            cmd = ["chrt", "--idle", "0", *cmd]
+        elif self.nice:
+            cmd = ["nice", "-n", str(self.nice), *cmd]
         return cmd
 
     def _spawn(self, w: WorkerProcess) -> None:

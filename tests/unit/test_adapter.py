@@ -159,3 +159,15 @@ def test_the_plugin_imports_nothing_heavy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_workers_run_below_orthanc_priority(tmp_path):
+    from plugin.supervisor import Supervisor
+
+    def command(**kw) -> list[str]:
+        return Supervisor(1, {}, node="n", log_dir=tmp_path, env={}, on_death=print,
+                          **kw)._command()
+
+    assert command(nice=10)[:5] == ["nice", "-n", "10", "ionice", "-c"]
+    assert command(nice=10, idle=True)[:3] == ["chrt", "--idle", "0"]
+    assert command(nice=0)[-2:] == ["-m", "engine.worker"] and "nice" not in command(nice=0)

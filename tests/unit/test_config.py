@@ -28,6 +28,7 @@ def test_values_are_parsed_and_paths_resolved():
         ({"IngestQuietMs": 300}, "AI.IngestQuietMs"),  # removed: the OS protects ingest
         ({"LeaseSeconds": 1}, "AI.LeaseSeconds"),
         ({"JobTimeoutSeconds": 5}, "AI.JobTimeoutSeconds"),
+        ({"WorkerScheduling": "fast"}, "AI.WorkerScheduling"),
         ({"BatchSize": 0}, "AI.BatchSize"),
         ({"ChangesPollSeconds": 0}, "AI.ChangesPollSeconds"),
         ({"HttpTimeoutSeconds": 0}, "AI.HttpTimeoutSeconds"),
