@@ -35,6 +35,7 @@ from inference.volume import (
 
 from .context import Context
 from .fetch import Located, Stored, fetch
+from .instance_job import card_for, report
 from .stores import Job
 
 log = logging.getLogger("orthanc_ai")
@@ -70,16 +71,12 @@ def list_slices(ctx: Context, series_id: str) -> OrderedSeries:
 
 def run(ctx: Context, job: Job) -> None:
     """Run one claimed series job; it ends in a state, whatever happens."""
-    from .instance_job import card_for
-
     with ctx.ledger.outcome(job) as done:
         done(analyse(ctx, job, card_for(ctx, job)), job.created)
 
 
 def analyse(ctx: Context, job: Job, card: ModelCard) -> dict[str, Any]:
     """Stream the slices of a series through the model, report one SR."""
-    from .instance_job import report
-
     assert job.series is not None
     ordered = list_slices(ctx, job.series)
     if series_key(job.series, ordered.fingerprint, card) != job.key:

@@ -22,17 +22,28 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
+
+from inference.backend import HttpBackend, InProcessBackend
+from inference.card import CardError
+from inference.errors import TransientError
+from inference.registry import Registry
+
+from . import instance_job, series_job
+from .config import parse_ai_section
+from .context import Context
+from .metrics import WorkerMetrics
+from .sinks.orthanc_store import OrthancStoreSink
+from .source import OrthancClient
+from .stores import InboxKind, JobState, open_store
+from .triage import DIED_IN_TRIAGE, Triage, triage_failed
 
 log = logging.getLogger("orthanc_ai")
 
 
 class Worker:
-    def __init__(self, ctx: Any, *, follow_changes: bool, wake: threading.Event,
+    def __init__(self, ctx: Context, *, follow_changes: bool, wake: threading.Event,
                  stop: threading.Event) -> None:
-        from .triage import Triage
-
         self.ctx = ctx
         self.triage = Triage(ctx)
         self.follow = follow_changes
@@ -64,8 +75,6 @@ class Worker:
 
     def step(self) -> bool:
         """Do one batch of work; False when there was nothing to do."""
-        from . import instance_job, series_job
-
         ctx = self.ctx
         job = ctx.ledger.claim_next()
         if job is not None:
@@ -115,11 +124,6 @@ class Worker:
 
     def _triage(self, item: Any) -> list[tuple[Any, Any]]:
         """Triage one inbox item, create its jobs, claim them; ack the row."""
-        from inference.errors import TransientError
-
-        from .stores import JobState
-        from .triage import DIED_IN_TRIAGE, triage_failed
-
         ctx = self.ctx
         if item.attempts > ctx.config.max_attempts:  # its triage killed the worker each time
             ctx.ledger.record(triage_failed(item, DIED_IN_TRIAGE))
@@ -162,8 +166,6 @@ class Worker:
                 os._exit(70)
             try:
                 if store is None:
-                    from .stores import open_store
-
                     store = open_store(self.ctx.store_location)
                 store.renew(self.ctx.owner, self.ctx.config.lease_seconds)
             except Exception as exc:
@@ -192,8 +194,6 @@ class Worker:
         the plugin was off). On the very first start the cursor begins at the
         end of the log: enabling the plugin does not re-analyse the archive.
         """
-        from .stores import InboxKind, open_store
-
         ctx = self.ctx
         store = open_store(ctx.store_location)
         source = ctx.source  # its sessions are per thread
@@ -232,26 +232,23 @@ def _status(**fields: Any) -> None:
 
 
 def _read_stdin(wake: threading.Event, stop: threading.Event) -> None:
-    """Each line wakes us; end of input means Orthanc is gone."""
+    """Each line wakes us; end of input means Orthanc is gone.
+
+    Orthanc stops us with SIGTERM first, so an end of input without it means
+    Orthanc died (kill -9, a crash). Leave at once: what we hold stays leased
+    and is run again by whoever takes it (this node restarted, or another),
+    instead of being failed here against an Orthanc that is not there.
+    """
     for _ in sys.stdin:
         wake.set()
-    stop.set()
-    wake.set()
-    # Whatever the loop is doing, be gone soon: Orthanc will start new workers.
+    if not stop.is_set():
+        log.warning("orthanc-ai: Orthanc is gone; the worker leaves its jobs to the next")
+        os._exit(0)
+    # Stopping already (SIGTERM): finish the batch, but be gone soon.
     threading.Timer(15.0, lambda: os._exit(0)).start()
 
 
-def build_context(boot: dict[str, Any]) -> Any:
-    from engine.config import parse_ai_section
-    from inference.backend import HttpBackend, InProcessBackend
-    from inference.registry import Registry
-
-    from .context import Context
-    from .metrics import WorkerMetrics
-    from .sinks.orthanc_store import OrthancStoreSink
-    from .source import OrthancClient
-    from .stores import open_store
-
+def build_context(boot: dict[str, Any]) -> Context:
     ai = parse_ai_section(boot["configuration"].get("AI"))
     location = boot["store"]
     store = open_store(location)
@@ -271,9 +268,7 @@ def build_context(boot: dict[str, Any]) -> Any:
     return ctx
 
 
-def load_models(ctx: Any) -> dict[str, Any]:
-    from inference.card import CardError
-
+def load_models(ctx: Context) -> dict[str, Any]:
     states: dict[str, Any] = {}
     for card in list(ctx.registry.cards.values()):
         try:
@@ -326,5 +321,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     sys.exit(main())

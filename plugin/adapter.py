@@ -99,6 +99,12 @@ class Plugin:
     # -- life cycle ------------------------------------------------------------
 
     def start(self) -> None:
+        # Workers of this node's former run (Orthanc killed) are gone: what
+        # they held is due now, not when their leases run out.
+        released = self.store.release_node(self.node)
+        if released:
+            log.warning("orthanc-ai: %d job(s) held by this node's former workers are "
+                        "due again", released)
         token = orthanc.GenerateRestApiAuthorizationToken()
         model_server_url = ""
         if self.ai.backend == "http" and not self.ai.model_server_url:

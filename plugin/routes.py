@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
@@ -149,7 +150,11 @@ class Api:
         request = urllib.request.Request(
             f"{self.plugin.base_url}/studies/{study_id}",
             headers={"Authorization": orthanc.GenerateRestApiAuthorizationToken()})
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        handlers: list[Any] = [urllib.request.ProxyHandler({})]
+        if self.plugin.base_url.startswith("https://"):
+            # Loopback to our own Orthanc: its certificate names the public host.
+            handlers.append(urllib.request.HTTPSHandler(context=ssl._create_unverified_context()))
+        opener = urllib.request.build_opener(*handlers)
         try:
             with opener.open(request, timeout=10):
                 return True

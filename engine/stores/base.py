@@ -168,6 +168,9 @@ class JobStore(Protocol):
     def release_owner(self, owner: str) -> int:
         """``owner`` died: its leases expire now (its jobs are due at once)."""
 
+    def release_node(self, node: str) -> int:
+        """``node`` starts again: the leases of its former workers expire now."""
+
     def finish(self, job_id: int, state: JobState, *, reason: str | None = None,
                result: dict[str, Any] | None = None, retry_at: float = 0.0,
                owner: str | None = None) -> bool:

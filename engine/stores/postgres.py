@@ -311,6 +311,15 @@ class PostgresJobStore:
             db.execute("UPDATE inbox SET taken_until=0 WHERE taken_by=%s AND NOT done", (owner,))
         return n
 
+    def release_node(self, node: str) -> int:
+        with self._db(transaction=True) as db:  # jobs first, as in renew()
+            n = db.execute(
+                "UPDATE jobs SET lease_until=0 WHERE node=%s AND state='running'", (node,)
+            ).rowcount
+            db.execute("UPDATE inbox SET taken_until=0 WHERE NOT done"
+                       " AND left(taken_by, length(%s) + 1) = %s || '/'", (node, node))
+        return n
+
     def finish(self, job_id: int, state: JobState, *, reason: str | None = None,
                result: dict[str, Any] | None = None, retry_at: float = 0.0,
                owner: str | None = None) -> bool:

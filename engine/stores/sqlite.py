@@ -216,6 +216,14 @@ class SqliteJobStore:
                 "UPDATE jobs SET lease_until=0 WHERE owner=? AND state='running'", (owner,)
             ).rowcount
 
+    def release_node(self, node: str) -> int:
+        with self._tx() as db:
+            db.execute("UPDATE inbox SET taken_until=0 WHERE done=0"
+                       " AND substr(taken_by, 1, length(?) + 1) = ? || '/'", (node, node))
+            return db.execute(
+                "UPDATE jobs SET lease_until=0 WHERE node=? AND state='running'", (node,)
+            ).rowcount
+
     def finish(self, job_id: int, state: JobState, *, reason: str | None = None,
                result: dict[str, Any] | None = None, retry_at: float = 0.0,
                owner: str | None = None) -> bool:

@@ -699,3 +699,17 @@ def test_a_series_event_reopens_its_row_and_a_stale_ack_is_ignored(store, clock)
     store.ack_inbox([i.row], "a/1")
     store.add_changes([(INST, "i")], 5)  # an instance's replayed change stays done
     assert store.inbox_size() == 0
+
+
+def test_release_node_frees_what_a_restarted_nodes_former_workers_held(store, clock):
+    mine = [store.add(NewJob(f"i{k}", None, None, model="m", version="1")) for k in range(3)]
+    store.claim(mine[0].id, "node-a/11", 30)
+    store.claim(mine[1].id, "node-a/12", 30)
+    store.claim(mine[2].id, "node-ab/13", 30)  # another node whose name starts alike
+    store.push_inbox([(INST, "x"), (INST, "y")])
+    store.take_from_inbox("node-a/11", 1, 30)
+    store.take_from_inbox("node-ab/13", 1, 30)
+    assert store.release_node("node-a") == 2
+    due = {store.claim_next("node-a/20", 30, 3).instance for _ in range(2)}
+    assert due == {"i0", "i1"} and store.claim_next("node-a/20", 30, 3) is None
+    assert [i.resource for i in store.take_from_inbox("node-a/20", 10, 30)] == ["x"]

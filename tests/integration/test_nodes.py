@@ -15,10 +15,10 @@ LEASE = 10
 
 
 def _node_config(path, pg, orthanc_db: str, queue_url: str, name: str):
-    # Batches filled for up to a second: each node holds its jobs long enough
-    # to be caught holding some.
+    # Large batches, filled for up to 3 s: the AI keeps pace with the sender
+    # otherwise, and each node holds its jobs long enough to be caught holding some.
     return node_config(path, pg, orthanc_db, queue_url, name, LeaseSeconds=LEASE,
-                       BatchSize=16, BatchWaitMs=1000)
+                       BatchSize=32, BatchWaitMs=3000)
 
 
 def test_two_nodes_share_the_work_and_the_survivor_takes_over_a_dead_nodes_jobs(

@@ -64,10 +64,13 @@ def test_orthanc_holds_no_tensorflow_and_the_token_shows_nowhere(tmp_path):
 
 def test_kill_9_of_a_worker_mid_batch_loses_nothing_and_stores_no_sr_twice(tmp_path):
     files = dx_corpus(tmp_path / "dx", 80, seed=6100)
-    server = OrthancAI(tmp_path / "srv").start()
+    # Batches filled for up to a second: the worker is caught holding some jobs.
+    config = write_config(tmp_path / "c.json", BatchSize=16, BatchWaitMs=1000)
+    server = OrthancAI(tmp_path / "srv", config=config).start()
     try:
         server.storescu(files)
-        _wait(lambda: len(server.jobs(state="done")) >= 5, 120, "first results")
+        _wait(lambda: len(server.jobs(state="done")) >= 5
+              and len(server.jobs(state="running")) > 0, 120, "a batch in progress")
         (worker,) = _workers(server)
         os.kill(worker["pid"], signal.SIGKILL)
         assert len(server.jobs(state="done")) < 80, "the queue drained first: make it harder"
