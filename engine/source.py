@@ -13,6 +13,8 @@ import threading
 from typing import Any, Protocol
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 from inference.errors import BadInput, SkipInput, TransientError
 
@@ -61,6 +63,13 @@ class OrthancClient:
             session.headers["Accept-Encoding"] = "identity"
             if self._token:
                 session.headers["Authorization"] = self._token
+            # Orthanc closes idle keep-alive connections; a request that meets
+            # one is sent again on a fresh connection. Every request of ours
+            # may be repeated: the SR we POST is the same SR (AlreadyStored).
+            retry = Retry(total=2, connect=2, read=1, status=0, other=0,
+                          allowed_methods=None, backoff_factor=0, raise_on_status=False)
+            for scheme in ("http://", "https://"):
+                session.mount(scheme, HTTPAdapter(max_retries=retry))
             if self.base_url.startswith("https://"):
                 # Loopback to our own Orthanc: its certificate names the public host.
                 session.verify = False

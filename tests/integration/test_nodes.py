@@ -15,10 +15,10 @@ LEASE = 10
 
 
 def _node_config(path, pg, orthanc_db: str, queue_url: str, name: str):
-    # Large batches, filled for up to 3 s: the AI keeps pace with the sender
-    # otherwise, and each node holds its jobs long enough to be caught holding some.
+    # Batches filled for up to a second: each node holds its jobs long enough
+    # to be caught holding some.
     return node_config(path, pg, orthanc_db, queue_url, name, LeaseSeconds=LEASE,
-                       BatchSize=32, BatchWaitMs=3000)
+                       BatchSize=16, BatchWaitMs=1000)
 
 
 def test_two_nodes_share_the_work_and_the_survivor_takes_over_a_dead_nodes_jobs(
@@ -33,17 +33,29 @@ def test_two_nodes_share_the_work_and_the_survivor_takes_over_a_dead_nodes_jobs(
                                                       queue_db, "node-b"))
     a.start()
     b.start()
+    killed_at = 0.0
+    held: list[dict] = []
+
+    def busy() -> bool:
+        """Node A holds jobs now, and has finished some (it did work before dying)."""
+        return bool(b.jobs(state="running", node="node-a")) and bool(
+            b.jobs(state="done", node="node-a", limit="1"))
+
     try:
-        for i in range(0, 100, 10):  # alternately, ten images at a time
-            (a if i % 20 == 0 else b).storescu(files[i:i + 10])
-        deadline = time.time() + 300
-        held: list[dict] = []
-        while time.time() < deadline and not held:  # mid-run: node A holds a batch
-            done = len(b.jobs(state="done"))
-            held = b.jobs(state="running", node="node-a") if done >= 10 else []
-            time.sleep(0.05)
-        a.kill()
-        killed_at = time.time()
+        # Alternately, ten images at a time; node A is killed as soon as it is
+        # seen holding jobs, and the modality sends the rest to node B.
+        for i in range(0, 100, 10):
+            target = a if i % 20 == 0 and not killed_at else b
+            target.storescu(files[i:i + 10])
+            if not killed_at and i >= 20 and busy():
+                a.kill()
+                killed_at = time.time()
+        deadline = time.time() + 120
+        while not killed_at and time.time() < deadline:  # not caught while sending
+            if busy():
+                a.kill()
+                killed_at = time.time()
+            time.sleep(0.02)
         held = b.jobs(state="running", node="node-a")  # what the dead node still held
         assert len(b.jobs(state="done")) < 100, "all done before the kill: make it harder"
         ids = [b.lookup(str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID))
