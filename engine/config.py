@@ -24,6 +24,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from engine.stores import is_postgres_url
 from inference.card import ModelCard, says
 from inference.routing import (
     FROM_JSON,
@@ -51,7 +52,7 @@ def _project_path(value: Any) -> Path:
 _ProjectPath = Annotated[Path, PlainValidator(_project_path)]
 _QueueDatabase = Annotated[StrictStr, says(
     "must be a SQLite file path or a postgresql:// URL",
-    lambda v: "://" not in v or v.startswith(("postgresql://", "postgres://")))]
+    lambda v: "://" not in v or is_postgres_url(v))]
 _HttpUrl = Annotated[StrictStr, says("must be an http:// or https:// URL",
                                      lambda v: not v or v.startswith(("http://", "https://")))]
 
@@ -109,7 +110,7 @@ class AIConfig(Section):
         """Where the job store lives: the configured URL or path, else beside Orthanc's files."""
         if not self.queue_database:
             return storage / "orthanc-ai" / "jobs.sqlite"
-        if self.queue_database.startswith(("postgresql://", "postgres://")):
+        if is_postgres_url(self.queue_database):
             return self.queue_database
         path = Path(self.queue_database)
         return path if path.is_absolute() else PROJECT_ROOT / path

@@ -36,7 +36,6 @@ class Context:
     sinks: Sequence[ResultSink]
     metrics: WorkerMetrics
     owner: str  # "node/pid": whose leases these are
-    store_location: str = ""  # for threads that open a store of their own
     clock: Callable[[], float] = time.time
     ledger: Ledger = field(init=False)
 

@@ -156,7 +156,6 @@ class Worker:
     def _heartbeat(self) -> None:
         """Renew our leases while we work, so no other worker takes our jobs."""
         period = max(0.5, self.ctx.config.lease_seconds / 3)
-        store = None
         while not self.stop.wait(period):
             since = self.busy_since
             if since is not None and time.monotonic() - since > self.ctx.config.job_timeout_seconds:
@@ -164,21 +163,19 @@ class Worker:
                 # and let the lease go, so the death counts against its input.
                 log.error("orthanc-ai: a batch ran over JobTimeoutSeconds; the worker exits")
                 os._exit(70)
-            try:
-                if store is None:
-                    store = open_store(self.ctx.store_location)
-                store.renew(self.ctx.owner, self.ctx.config.lease_seconds)
+            try:  # the store's connections are per thread: this one is the heartbeat's
+                self.ctx.store.renew(self.ctx.owner, self.ctx.config.lease_seconds)
             except Exception as exc:
                 log.warning("orthanc-ai: lease renewal failed: %s", type(exc).__name__)
 
-    def changes_cursor(self, store: Any = None) -> int:
+    def changes_cursor(self) -> int:
         """Where the change log is read from; on the very first start, its end.
 
         Called before the worker says it is ready, so that a stop right after
         the first start still leaves the cursor: what is stored while the
         plugin is off is then analysed at the next start.
         """
-        store = store or self.ctx.store
+        store = self.ctx.store
         saved = store.get_value("changes_cursor")
         if saved is None:
             last = int(self.ctx.source.get_json("/changes?last")["Last"])
@@ -195,14 +192,13 @@ class Worker:
         end of the log: enabling the plugin does not re-analyse the archive.
         """
         ctx = self.ctx
-        store = open_store(ctx.store_location)
-        source = ctx.source  # its sessions are per thread
+        store, source = ctx.store, ctx.source  # both keep a connection per thread
         kinds = {"NewInstance": InboxKind.INSTANCE, "StableSeries": InboxKind.SERIES}
         cursor: int | None = None
         while not self.stop.is_set():
             try:
                 if cursor is None:
-                    cursor = self.changes_cursor(store)
+                    cursor = self.changes_cursor()
                 page = source.changes(cursor, limit=500)
                 items = [(kinds[c["ChangeType"]], c["ID"])
                          for c in page.get("Changes", []) if c.get("ChangeType") in kinds]
@@ -250,8 +246,7 @@ def _read_stdin(wake: threading.Event, stop: threading.Event) -> None:
 
 def build_context(boot: dict[str, Any]) -> Context:
     ai = parse_ai_section(boot["configuration"].get("AI"))
-    location = boot["store"]
-    store = open_store(location)
+    store = open_store(boot["store"])
     source = OrthancClient(boot["orthanc_url"], boot["token"], timeout=ai.http_timeout_seconds)
     registry = Registry.scan(ai.models_directory)
     router = ai.router(registry.cards)
@@ -264,7 +259,7 @@ def build_context(boot: dict[str, Any]) -> Context:
         backend = InProcessBackend(intra_op_threads=ai.tensorflow_threads)
     ctx = Context(config=ai, source=source, store=store, backend=backend, registry=registry,
                   router=router, sinks=[OrthancStoreSink(source, store)], metrics=WorkerMetrics(),
-                  owner=f"{boot['node']}/{os.getpid()}", store_location=str(location))
+                  owner=f"{boot['node']}/{os.getpid()}")
     return ctx
 
 
