@@ -21,7 +21,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.config import PROJECT_ROOT, ConfigError, load_orthanc_json, parse_ai_section
+from engine.config import (
+    PROJECT_ROOT,
+    ConfigError,
+    check_peers,
+    load_orthanc_json,
+    parse_ai_section,
+)
 from inference.routing import RoutingError
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
@@ -69,6 +75,7 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     from inference.registry import Registry
 
     ai = parse_ai_section(base.get("AI"))  # fail before Orthanc starts, naming the key
+    check_peers(ai, base)
     ai.router(Registry.scan(ai.models_directory).cards)
     for name, port in (("--http-port", args.http_port), ("--dicom-port", args.dicom_port)):
         if not _port_free(port):
@@ -102,7 +109,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     """The AI section, the model cards it finds and its routing rules."""
     from inference.registry import Registry
 
-    ai = parse_ai_section(load_orthanc_json(Path(args.config)).get("AI"))
+    configuration = load_orthanc_json(Path(args.config))
+    ai = parse_ai_section(configuration.get("AI"))
+    check_peers(ai, configuration)
     registry = Registry.scan(ai.models_directory)
     for folder, error in registry.errors.items():
         print(f"model folder {folder}: {error}", file=sys.stderr)

@@ -64,6 +64,40 @@ class _Routing(Section):
     rules: tuple[ParsedRule, ...] | None = None
 
 
+_PeerNames = tuple[Annotated[StrictStr, says("must be a non-empty DicomModalities name",
+                                             lambda v: bool(v.strip()))], ...]
+
+
+class _Priors(Section):
+    """``AI.Priors``: prior studies of the same patient, for interval change."""
+
+    sources: _PeerNames = ()  # PACS to query, by their DicomModalities name
+    max_age_days: StrictInt = Field(3650, ge=1)
+    max_priors: StrictInt = Field(1, ge=1, le=10)  # most recent relevant priors retrieved
+    # The current result is never held back longer than this, from its study's first job.
+    deadline_seconds: StrictFloat = Field(60.0, ge=1)
+    same_body_part: StrictBool = True  # a prior of another body part is not relevant
+    # "C-MOVE" (to our own AE) or "C-GET", per source; default C-MOVE
+    retrieve_method: dict[StrictStr, Literal["C-MOVE", "C-GET"]] = Field(default_factory=dict)
+    # Priors fetched only for comparison are deleted from Orthanc after this (0: kept).
+    retention_hours: StrictFloat = Field(24.0, ge=0)
+    # Later attempts (after the deadline) may take this long per PACS operation.
+    retrieve_timeout_seconds: StrictFloat = Field(600.0, ge=1)
+    max_attempts: StrictInt = Field(10, ge=1)
+    retry_backoff_seconds: StrictFloat = Field(10.0, ge=0)
+    max_backoff_seconds: StrictFloat = Field(600.0, ge=0)
+
+
+class _Forward(Section):
+    """``AI.Forward``: every SR we store is also sent to these DICOM destinations."""
+
+    destinations: _PeerNames = ()
+    max_attempts: StrictInt = Field(20, ge=1)
+    retry_backoff_seconds: StrictFloat = Field(5.0, ge=0)
+    max_backoff_seconds: StrictFloat = Field(600.0, ge=0)
+    timeout_seconds: StrictFloat = Field(60.0, gt=0)  # one C-STORE association
+
+
 class AIConfig(Section):
     """The JSON key of each field is its CamelCase name (``Workers``), as Orthanc's keys are."""
 
@@ -96,6 +130,8 @@ class AIConfig(Section):
     worker_nice: StrictInt = Field(10, ge=0, le=19)
     worker_scheduling: Literal["normal", "idle"] = "normal"
     routing: _Routing = Field(default_factory=_Routing)
+    priors: _Priors = Field(default_factory=_Priors)
+    forward: _Forward = Field(default_factory=_Forward)
 
     @property
     def routing_rules(self) -> tuple[Rule, ...] | None:
@@ -132,6 +168,19 @@ def parse_ai_section(section: Any) -> AIConfig:
         return AIConfig.model_validate(section, context=FROM_JSON)
     except ValidationError as exc:
         raise ConfigError(describe(exc, "AI", section)) from exc
+
+
+def check_peers(ai: AIConfig, configuration: Mapping[str, Any]) -> None:
+    """Every PACS named in AI.Priors and AI.Forward is one of Orthanc's DicomModalities."""
+    modalities = configuration.get("DicomModalities") or {}
+    known = set(modalities) if isinstance(modalities, dict) else set()
+    named = [("AI.Priors.Sources", n) for n in ai.priors.sources] + \
+        [("AI.Forward.Destinations", n) for n in ai.forward.destinations] + \
+        [("AI.Priors.RetrieveMethod", n) for n in ai.priors.retrieve_method]
+    for key, name in named:
+        if name not in known:
+            raise ConfigError(f"{key}: {name!r} is not in DicomModalities "
+                              f"(known: {', '.join(sorted(known)) or 'none'})")
 
 
 _COMMENT = re.compile(r'("(?:\\.|[^"\\])*")|//[^\n]*|/\*.*?\*/', re.S)

@@ -36,6 +36,7 @@ class Context:
     sinks: Sequence[ResultSink]
     metrics: WorkerMetrics
     owner: str  # "node/pid": whose leases these are
+    dimse: Any = None  # engine.dimse.OrthancDimse: C-FIND, C-MOVE, C-STORE through Orthanc
     clock: Callable[[], float] = time.time
     ledger: Ledger = field(init=False)
 

@@ -16,8 +16,10 @@ from inference.card import ModelCard
 from inference.errors import BadInput
 from inference.postprocess import Finding, to_finding
 from inference.preprocess import ModelInput, prepare_radiograph
-from inference.report import build_sr
+from inference.report import build_sr, sr_uids
+from inference.uids import derived_uid
 
+from . import priors
 from .context import Context, sr_file
 from .fetch import SeriesCache, Stored, fetch, locate
 from .sinks import Report
@@ -82,11 +84,23 @@ def run(ctx: Context, cache: SeriesCache, pending: Sequence[tuple[Job, Stored | 
 def report(ctx: Context, card: ModelCard, stored: Stored, finding: Finding, *,
            missing: Sequence[str] = (), notes: Sequence[str] = (),
            uids: tuple[str, str] | None = None, predecessor=None,
-           instance: str | None = None) -> dict:
-    """Build the SR, hand it to the sinks, and describe the result."""
+           instance: str | None = None, compared: priors.Compared | None = None) -> dict:
+    """Build the SR (compared with the prior where there is one), hand it to the
+    sinks, and describe the result."""
+    if compared is None:
+        with ctx.stage("compare"):
+            compared = priors.comparison_for(ctx, stored.study, card, finding)
+    sr_notes = [*notes, compared.note] if compared.note else list(notes)
+    extra = {}
+    if compared.comparison is not None:
+        # Its own UIDs: never the same SR as one made without the comparison.
+        series_uid, sop_uid = uids or sr_uids(stored.dataset, card)
+        uids = (series_uid, derived_uid("orthanc-ai/sr-compared", sop_uid,
+                                        compared.comparison.prior_study_uid))
+        extra["comparisons"] = [compared.comparison]
     with ctx.stage("report"):
-        sr = build_sr(stored.dataset, card, [finding], missing_inputs=missing, notes=notes,
-                      uids=uids, predecessor=predecessor)
+        sr = build_sr(stored.dataset, card, [finding], missing_inputs=missing, notes=sr_notes,
+                      uids=uids, predecessor=predecessor, **extra)
         data = sr_file(sr)
     delivered = ctx.deliver(Report(card, stored.dataset, sr, data, (finding,), stored.study,
                                    stored.series, instance or stored.instance))
@@ -102,5 +116,6 @@ def report(ctx: Context, card: ModelCard, stored: Stored, finding: Finding, *,
         "notes": list(notes),
         "sr_sop_instance_uid": str(sr.SOPInstanceUID),
         "sr_series_instance_uid": str(sr.SeriesInstanceUID),
+        "comparison": compared.info,
         **delivered,
     }

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from inference.errors import JobOutcome, SkipInput, TransientError
 
@@ -21,7 +21,14 @@ from .stores import Job, JobState, JobStore, NewJob
 
 log = logging.getLogger("orthanc_ai")
 
-Done = Callable[[dict[str, Any], float], None]
+Done = Callable[[dict[str, Any], float | None], None]
+
+
+class RetryPolicy(Protocol):
+    """How often and how soon a job is retried (AI, AI.Priors, AI.Forward)."""
+
+    max_attempts: int
+    retry_backoff_seconds: float
 
 
 @dataclass
@@ -55,27 +62,33 @@ class Ledger:
         else:
             log.warning("orthanc-ai: job %d was taken over before it ended here", job.id)
 
-    def retry_or_give_up(self, job: Job, reason: str) -> None:
-        if job.attempts >= self.config.max_attempts:
+    def retry_or_give_up(self, job: Job, reason: str, policy: RetryPolicy | None = None) -> None:
+        policy = policy or self.config
+        if job.attempts >= policy.max_attempts:
             self.finish(job, JobState.DEAD,
                         reason=f"gave up after {job.attempts} attempt(s): {reason}")
             return
-        delay = self.config.retry_backoff_seconds * (2 ** (job.attempts - 1))
+        delay = policy.retry_backoff_seconds * (2 ** min(job.attempts - 1, 30))
+        delay = min(delay, getattr(policy, "max_backoff_seconds", delay))
         self.finish(job, JobState.FAILED, reason=f"will retry in {delay:.0f} s: {reason}",
                     retry_at=self.clock() + delay)
 
     @contextmanager
-    def outcome(self, job: Job) -> Iterator[Done]:
-        """Run a job's body: ``done(result, queued_at)``, or its error's state."""
+    def outcome(self, job: Job, policy: RetryPolicy | None = None) -> Iterator[Done]:
+        """Run a job's body: ``done(result, queued_at)``, or its error's state.
 
-        def done(result: dict[str, Any], queued_at: float) -> None:
+        ``queued_at`` (when the input arrived) is counted in the end-to-end
+        latency; None for jobs that are not analyses."""
+
+        def done(result: dict[str, Any], queued_at: float | None) -> None:
             self.finish(job, JobState.DONE, result=result)
-            self.metrics.end_to_end.observe(max(0.0, self.clock() - queued_at))
+            if queued_at is not None:
+                self.metrics.end_to_end.observe(max(0.0, self.clock() - queued_at))
 
         try:
             yield done
         except TransientError as exc:
-            self.retry_or_give_up(job, exc.reason)
+            self.retry_or_give_up(job, exc.reason, policy)
         except JobOutcome as exc:
             state = JobState.SKIPPED if isinstance(exc, SkipInput) else JobState.FAILED
             self.finish(job, state, reason=exc.reason)
@@ -83,4 +96,4 @@ class Ledger:
             # Unexpected: a bug or a model failure; it may be transient. The
             # traceback goes to the worker's log, the type to the job.
             log.exception("orthanc-ai: job %d failed", job.id)
-            self.retry_or_give_up(job, f"internal error: {type(exc).__name__}")
+            self.retry_or_give_up(job, f"internal error: {type(exc).__name__}", policy)

@@ -41,6 +41,15 @@ class OrthancSource(Protocol):
     def instance_file(self, instance_id: str) -> bytes: ...
     def store(self, dicom: bytes) -> dict[str, Any]: ...
     def changes(self, since: int, limit: int = 100) -> dict[str, Any]: ...
+    def delete(self, path: str) -> None: ...
+    def call(self, method: str, path: str, body: Any = None,
+             timeout: float | None = None) -> tuple[int, Any]: ...
+
+
+def orthanc_study_id(patient_id: str, study_uid: str) -> str:
+    """The ID Orthanc gives a study: SHA-1 of its patient ID and study UID."""
+    digest = hashlib.sha1("|".join((patient_id.strip(), study_uid.strip())).encode()).hexdigest()
+    return "-".join(digest[i:i + 8] for i in range(0, 40, 8))
 
 
 class OrthancClient:
@@ -118,3 +127,38 @@ class OrthancClient:
 
     def changes(self, since: int, limit: int = 100) -> dict[str, Any]:
         return self.get_json(f"/changes?since={since}&limit={limit}")
+
+    def delete(self, path: str) -> None:
+        self._request("DELETE", path)
+
+    @property
+    def _once(self) -> requests.Session:
+        """A session that never repeats a request: a C-MOVE or C-STORE that timed
+        out may still be running in Orthanc."""
+        session = getattr(self._local, "once", None)
+        if session is None:
+            session = requests.Session()
+            session.trust_env = False
+            session.headers["Accept-Encoding"] = "identity"
+            if self._token:
+                session.headers["Authorization"] = self._token
+            if self.base_url.startswith("https://"):
+                session.verify = False
+            self._local.once = session
+        return session
+
+    def call(self, method: str, path: str, body: Any = None,
+             timeout: float | None = None) -> tuple[int, Any]:
+        """One request, sent once; (HTTP status, parsed JSON or text). Orthanc's own
+        errors (a peer that refused, a failed C-MOVE) come back as a status, not raised."""
+        data = {"data": body.encode()} if isinstance(body, str) else {"json": body}
+        try:
+            response = self._once.request(method, self.base_url + path,
+                                          timeout=timeout or self.timeout, **data)
+        except requests.RequestException as exc:
+            raise TransientError(f"Orthanc REST {method} {path.split('?')[0]}: "
+                                 f"{type(exc).__name__}") from exc
+        try:
+            return response.status_code, response.json()
+        except ValueError:
+            return response.status_code, response.text

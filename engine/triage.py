@@ -154,8 +154,8 @@ class Triage:
             return
         for instance in instances:
             store.forget_instance_outcomes(instance["ID"])
-        for state in (JobState.FAILED, JobState.DEAD):
-            for job in store.list(study=study_id, state=state.value, limit=100000):
+        for state in (JobState.FAILED, JobState.DEAD):  # analyses, priors and deliveries
+            for job in store.list(study=study_id, state=state.value, kind=None, limit=100000):
                 store.requeue(job.id)
         series = sorted({i["ParentSeries"] for i in instances})
         # Durable, so a stop before triage loses nothing; after the outcomes

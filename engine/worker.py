@@ -29,13 +29,16 @@ from inference.card import CardError
 from inference.errors import TransientError
 from inference.registry import Registry
 
-from . import instance_job, series_job
+from . import instance_job, priors, series_job
 from .config import parse_ai_section
 from .context import Context
+from .dimse import OrthancDimse
 from .metrics import WorkerMetrics
+from .sinks import dicom_forward
+from .sinks.dicom_forward import DicomForwardSink
 from .sinks.orthanc_store import OrthancStoreSink
 from .source import OrthancClient
-from .stores import InboxKind, JobState, open_store
+from .stores import InboxKind, JobKind, JobState, open_store
 from .triage import DIED_IN_TRIAGE, Triage, triage_failed
 
 log = logging.getLogger("orthanc_ai")
@@ -50,6 +53,7 @@ class Worker:
         self.wake = wake
         self.stop = stop
         self.busy_since: float | None = None  # monotonic start of the current batch
+        self.priors_asked: set[str] = set()  # studies whose priors job exists
 
     # -- the loop ------------------------------------------------------------
 
@@ -78,7 +82,13 @@ class Worker:
         ctx = self.ctx
         job = ctx.ledger.claim_next()
         if job is not None:
-            if not job.model:
+            if job.kind == JobKind.PRIORS:
+                self.run_priors(job)
+            elif job.kind == JobKind.FORWARD:
+                dicom_forward.run(ctx, job)
+            elif job.kind == JobKind.RETENTION:
+                priors.run_retention(ctx, job)
+            elif not job.model:
                 # An outcome decided before routing, retried by an operator: decide again.
                 ctx.store.delete(job.id)
                 kind = "reprocess" if job.instance else "series"
@@ -92,18 +102,80 @@ class Worker:
         items = self._take_batch()
         if not items:
             return False
-        instance_jobs, series_jobs = [], []
+        priors_jobs, instance_jobs, series_jobs = [], [], []
         try:
             for item in items:
                 claimed = self._triage(item)
                 for job, stored in claimed:
                     (instance_jobs if job.instance else series_jobs).append((job, stored))
+                priors_jobs += self._ask_priors(claimed)
         finally:
-            # Claimed jobs never wait for their lease to run out.
-            instance_job.run(ctx, self.triage.series_cache, instance_jobs)
-            for job, _ in series_jobs:
-                series_job.run(ctx, job)
+            # Claimed jobs never wait for their lease to run out. Priors first
+            # (bounded by AI.Priors.DeadlineSeconds): the results compare with them.
+            try:
+                for job in priors_jobs:
+                    self.run_priors(job)
+            finally:
+                instance_job.run(ctx, self.triage.series_cache, instance_jobs)
+                for job, _ in series_jobs:
+                    series_job.run(ctx, job)
         return True
+
+    # -- priors --------------------------------------------------------------
+
+    def _ask_priors(self, claimed: list[tuple[Any, Any]]) -> list[Any]:
+        """A priors job for each study that just got its first analysis job."""
+        ctx = self.ctx
+        if not priors.enabled(ctx):
+            return []
+        jobs = []
+        for study in dict.fromkeys(j.study for j, _ in claimed if j.study):
+            if study in self.priors_asked:
+                continue
+            if len(self.priors_asked) > 10000:
+                self.priors_asked.clear()
+            self.priors_asked.add(study)
+            if priors.is_prior(ctx, study):
+                continue
+            job = ctx.ledger.record(priors.new_priors_job(study))
+            mine = ctx.ledger.claim(job) if job is not None else None
+            if mine is not None:
+                jobs.append(mine)
+        return jobs
+
+    def run_priors(self, job: Any) -> None:
+        priors.run(self.ctx, job, self.ctx.dimse, self.analyse_study)
+
+    def analyse_study(self, study: str, until: float) -> None:
+        """Analyse a prior now, by the current model versions, and wait until every
+        analysis of it has ended (some may be another worker's)."""
+        ctx = self.ctx
+        instances = ctx.source.get_json(f"/studies/{study}/instances")
+        claimed: list[tuple[Any, Any]] = []
+        for decide in ([lambda i=i: self.triage.instance(i["ID"], time.time(), force=True)
+                        for i in instances]
+                       + [lambda s=s: self.triage.series(s)
+                          for s in sorted({i["ParentSeries"] for i in instances})]):
+            try:
+                decision = decide()
+            except TransientError:
+                raise
+            for spec in decision.jobs:
+                job = ctx.ledger.record(spec)
+                if job is not None and spec.state == JobState.QUEUED:
+                    mine = ctx.ledger.claim(job)
+                    if mine is not None:
+                        claimed.append((mine, decision.stored))
+        instance_job.run(ctx, self.triage.series_cache,
+                         [(j, s) for j, s in claimed if j.instance])
+        for job, _ in claimed:
+            if not job.instance:
+                series_job.run(ctx, job)
+        while any(ctx.store.list(study=study, state=state, limit=1)
+                  for state in ("queued", "running")):
+            if time.time() > until:
+                raise TransientError("the prior's analysis has not ended in time")
+            self.stop.wait(0.2)
 
     def _take_batch(self) -> list[Any]:
         """Up to BatchSize inbox items, waiting at most BatchWaitMs to fill the batch."""
@@ -258,8 +330,9 @@ def build_context(boot: dict[str, Any]) -> Context:
     else:
         backend = InProcessBackend(intra_op_threads=ai.tensorflow_threads)
     ctx = Context(config=ai, source=source, store=store, backend=backend, registry=registry,
-                  router=router, sinks=[OrthancStoreSink(source, store)], metrics=WorkerMetrics(),
-                  owner=f"{boot['node']}/{os.getpid()}")
+                  router=router, sinks=[], metrics=WorkerMetrics(),
+                  owner=f"{boot['node']}/{os.getpid()}", dimse=OrthancDimse(source))
+    ctx.sinks = [OrthancStoreSink(source, store), DicomForwardSink(ctx)]
     return ctx
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import orthanc
-from engine.config import AIConfig, parse_ai_section
+from engine.config import AIConfig, check_peers, parse_ai_section
 from engine.stores import InboxKind, JobStore, open_store
 from inference.registry import Registry
 
@@ -256,6 +256,7 @@ def install() -> None:
     config = json.loads(orthanc.GetConfiguration())
     # A wrong AI section raises here: the plugin fails to load, loudly.
     ai = parse_ai_section(config.get("AI"))
+    check_peers(ai, config)
     if not ai.enabled:
         log.warning("orthanc-ai: disabled by AI.Enabled = false")
         return

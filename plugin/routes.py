@@ -15,8 +15,9 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from engine.deliveries import deliveries
 from engine.metrics import render
-from engine.stores import STATES, InboxKind
+from engine.stores import STATES, InboxKind, JobKind
 
 if TYPE_CHECKING:
     from .adapter import Plugin
@@ -75,6 +76,7 @@ class Api:
             ("/ai/jobs", "GET", self.list_jobs),
             ("/ai/jobs/([0-9]+)", "GET", self.get_job),
             ("/ai/jobs/([0-9]+)/retry", "POST", self.retry_job),
+            ("/ai/deliveries", "GET", self.list_deliveries),
             ("/ai/studies/([^/]+)/reprocess", "POST", self.reprocess_study),
             ("/ai/models", "GET", self.models),
             ("/ai/health", "GET", self.health),
@@ -91,7 +93,7 @@ class Api:
     @staticmethod
     def _job_filters(query: Mapping[str, str]) -> dict[str, Any]:
         unknown = sorted(set(query) - {"", "state", "study", "series", "instance", "model", "node",
-                                       "since", "limit"})
+                                       "since", "limit", "kind"})
         if unknown:
             raise BadRequest(f"unknown parameter(s): {', '.join(unknown)}")
         state = query.get("state")
@@ -107,17 +109,37 @@ class Api:
         node = query.get("node")
         if node is not None and not 0 < len(node) <= 200:
             raise BadRequest("node must be 1 to 200 characters")
+        kind = query.get("kind", JobKind.ANALYSIS.value)
+        kinds = [k.value for k in JobKind]
+        if kind not in (*kinds, "all"):
+            raise BadRequest(f"kind must be one of {', '.join(kinds)}, all")
         filters.update(model=model, node=node,
                        since_id=_int(query, "since", 0, 0, MAX_ID),
-                       limit=_int(query, "limit", 1000, 1, MAX_LIMIT))
+                       limit=_int(query, "limit", 1000, 1, MAX_LIMIT),
+                       kind=None if kind == "all" else kind)
         return filters
+
+    def list_deliveries(self, query: Mapping[str, str]) -> Response:
+        """Forwarded SRs: one entry per (destination, SR), with its delivery state."""
+        try:
+            filters = self._job_filters({"kind": JobKind.FORWARD.value, **query})
+        except BadRequest as exc:
+            return _error(400, str(exc))
+        return _json(200, deliveries(self.plugin.store.list(**filters)))
 
     def get_job(self, query: Mapping[str, str], job_id: str) -> Response:
         try:
             job = self.plugin.store.get(_job_id(job_id))
         except BadRequest as exc:
             return _error(400, str(exc))
-        return _json(200, job.as_json()) if job else _error(404, f"no job {job_id}")
+        if job is None:
+            return _error(404, f"no job {job_id}")
+        described = job.as_json()
+        sr = (job.result or {}).get("sr_instance")
+        if job.kind == JobKind.ANALYSIS and sr:
+            forwarded = self.plugin.store.list(kind=JobKind.FORWARD.value, instance=sr)
+            described["deliveries"] = deliveries(forwarded)
+        return _json(200, described)
 
     def retry_job(self, query: Mapping[str, str], job_id: str) -> Response:
         try:

@@ -10,14 +10,15 @@ from .base import (
     InboxItem,
     InboxKind,
     Job,
+    JobKind,
     JobState,
     JobStore,
     NewJob,
     job_key,
 )
 
-__all__ = ["DIED_REASON", "STATES", "InboxItem", "InboxKind", "Job", "JobState", "JobStore",
-           "NewJob", "job_key", "is_postgres_url", "open_store"]
+__all__ = ["DIED_REASON", "STATES", "InboxItem", "InboxKind", "Job", "JobKind", "JobState",
+           "JobStore", "NewJob", "job_key", "is_postgres_url", "open_store"]
 
 
 def is_postgres_url(value: str) -> bool:

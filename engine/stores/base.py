@@ -43,6 +43,15 @@ class JobState(StrEnum):
 STATES = tuple(s.value for s in JobState)
 
 
+class JobKind(StrEnum):
+    """What a job does; every kind goes through the same claims, leases and retries."""
+
+    ANALYSIS = "analysis"  # one input (instance or series), one model version: an SR
+    PRIORS = "priors"  # find (and fetch) the prior studies of a study
+    FORWARD = "forward"  # send one SR to one DICOM destination (C-STORE)
+    RETENTION = "retention"  # a study fetched only for comparison; removed when due
+
+
 class InboxKind(StrEnum):
     INSTANCE = "instance"  # a stored instance (callback or change log)
     SERIES = "series"  # a stable series (volumes)
@@ -74,6 +83,8 @@ class NewJob:
     state: JobState = JobState.QUEUED
     reason: str | None = None
     key: str | None = None  # default: job_key(instance, model, version)
+    kind: JobKind = JobKind.ANALYSIS
+    not_before: float = 0.0  # a queued job is not due before this time
 
     @property
     def job_key(self) -> str:
@@ -98,10 +109,12 @@ class Job:
     result: dict[str, Any] | None
     node: str | None = None  # the node whose worker ran (or runs) it
     deaths: int = 0  # times its worker died while running it
+    kind: str = JobKind.ANALYSIS.value
 
     def as_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
+            "kind": self.kind,
             "state": self.state,
             "model": self.model or None,
             "model_version": self.model_version or None,
@@ -126,9 +139,9 @@ def job_from_row(row: Any) -> Job:
         series=row["series"], model=row["model"], model_version=row["model_version"],
         state=row["state"], reason=row["reason"], attempts=row["attempts"],
         created=row["created"], updated=row["updated"],
-        not_before=row["not_before"] if row["state"] == "failed" else 0.0,
+        not_before=row["not_before"] if row["state"] in ("failed", "queued") else 0.0,
         result=json.loads(row["result"]) if row["result"] else None,
-        node=row["node"], deaths=row["deaths"],
+        node=row["node"], deaths=row["deaths"], kind=row["kind"],
     )
 
 
@@ -176,19 +189,23 @@ class JobStore(Protocol):
                owner: str | None = None) -> bool:
         """Record how a job ended; with ``owner``, only if it still holds the job."""
 
-    def requeue(self, job_id: int) -> Job | None:
-        """Operator retry: a job that is not running goes back to the queue."""
+    def requeue(self, job_id: int, not_before: float = 0.0) -> Job | None:
+        """A job that is not running goes back to the queue (an operator's retry, a
+        revision), due at ``not_before``; its attempts start again."""
 
     def delete(self, job_id: int) -> None: ...
     def get(self, job_id: int) -> Job | None: ...
-    def for_instance(self, instance: str) -> list[Job]: ...
+    def by_key(self, key: str) -> Job | None: ...
+    def for_instance(self, instance: str) -> list[Job]:
+        """The analysis jobs and outcomes of an instance."""
 
     def list(self, *, state: str | None = None, study: str | None = None,
              model: str | None = None, instance: str | None = None,
              series: str | None = None, node: str | None = None, since_id: int = 0,
-             limit: int = 1000) -> list[Job]: ...
+             kind: str | None = JobKind.ANALYSIS.value, limit: int = 1000) -> list[Job]:
+        """Jobs by id; ``kind=None``: every kind."""
 
-    def counts(self) -> dict[str, int]: ...
+    def counts(self, kind: str | None = JobKind.ANALYSIS.value) -> dict[str, int]: ...
 
     def forget_instance_outcomes(self, instance: str) -> int:
         """Drop instance-level outcomes (decided before routing), to decide again."""

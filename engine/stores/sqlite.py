@@ -26,6 +26,7 @@ from .base import (
     InboxItem,
     InboxKind,
     Job,
+    JobKind,
     JobState,
     NewJob,
     job_from_row,
@@ -50,13 +51,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     node TEXT,
     owner TEXT,
     lease_until REAL NOT NULL DEFAULT 0,
-    result TEXT
+    result TEXT,
+    kind TEXT NOT NULL DEFAULT 'analysis'
 );
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs(state, not_before);
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner) WHERE state = 'running';
 CREATE INDEX IF NOT EXISTS jobs_instance ON jobs(instance);
 CREATE INDEX IF NOT EXISTS jobs_study ON jobs(study);
 CREATE INDEX IF NOT EXISTS jobs_series ON jobs(series);
+CREATE INDEX IF NOT EXISTS jobs_kind ON jobs(kind, state);
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS inbox (
     row INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -112,6 +115,8 @@ class SqliteJobStore:
                 "ALTER TABLE jobs ADD COLUMN lease_until REAL NOT NULL DEFAULT 0;"
                 "DROP TABLE IF EXISTS inbox;"
             )
+        if columns and "kind" not in columns:  # written before priors and forwarding
+            conn.execute("ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'analysis'")
         conn.executescript(_SCHEMA)  # executescript manages its own transaction
 
     def _conn(self) -> sqlite3.Connection:
@@ -159,10 +164,11 @@ class SqliteJobStore:
         with self._tx() as db:
             cur = db.execute(
                 "INSERT OR IGNORE INTO jobs (job_key, instance, study, series, model,"
-                " model_version, state, reason, created, updated)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " model_version, state, reason, created, updated, kind, not_before)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job.job_key, job.instance, job.study, job.series, job.model, job.version,
-                 JobState(job.state).value, job.reason, now, now),
+                 JobState(job.state).value, job.reason, now, now, JobKind(job.kind).value,
+                 float(job.not_before)),
             )
             if cur.rowcount == 0:
                 return None
@@ -238,12 +244,12 @@ class SqliteJobStore:
         with self._tx() as db:
             return db.execute(sql, args).rowcount == 1
 
-    def requeue(self, job_id: int) -> Job | None:
+    def requeue(self, job_id: int, not_before: float = 0.0) -> Job | None:
         with self._tx() as db:
             row = db.execute(
-                "UPDATE jobs SET state='queued', attempts=0, deaths=0, not_before=0, updated=?"
+                "UPDATE jobs SET state='queued', attempts=0, deaths=0, not_before=?, updated=?"
                 " WHERE id=? AND state != 'running' RETURNING *",
-                (time.time(), job_id),
+                (float(not_before), time.time(), job_id),
             ).fetchone()
         return job_from_row(row) if row else None
 
@@ -255,18 +261,24 @@ class SqliteJobStore:
         row = self._conn().execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
         return job_from_row(row) if row else None
 
+    def by_key(self, key: str) -> Job | None:
+        row = self._conn().execute("SELECT * FROM jobs WHERE job_key=?", (key,)).fetchone()
+        return job_from_row(row) if row else None
+
     def for_instance(self, instance: str) -> list[Job]:
         rows = self._conn().execute(
-            "SELECT * FROM jobs WHERE instance=? ORDER BY id", (instance,)).fetchall()
+            "SELECT * FROM jobs WHERE instance=? AND kind='analysis' ORDER BY id",
+            (instance,)).fetchall()
         return [job_from_row(r) for r in rows]
 
     def list(self, *, state: str | None = None, study: str | None = None,
              model: str | None = None, instance: str | None = None,
              series: str | None = None, node: str | None = None, since_id: int = 0,
-             limit: int = 1000) -> list[Job]:
+             kind: str | None = JobKind.ANALYSIS.value, limit: int = 1000) -> list[Job]:
         where, args = ["id > ?"], [since_id]
         for column, value in (("state", state), ("study", study), ("model", model),
-                              ("instance", instance), ("series", series), ("node", node)):
+                              ("instance", instance), ("series", series), ("node", node),
+                              ("kind", kind)):
             if value is not None:
                 where.append(f"{column} = ?")
                 args.append(value)
@@ -276,8 +288,10 @@ class SqliteJobStore:
         ).fetchall()
         return [job_from_row(r) for r in rows]
 
-    def counts(self) -> dict[str, int]:
-        rows = self._conn().execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+    def counts(self, kind: str | None = JobKind.ANALYSIS.value) -> dict[str, int]:
+        rows = self._conn().execute(
+            "SELECT state, COUNT(*) FROM jobs WHERE ? IS NULL OR kind = ? GROUP BY state",
+            (kind, kind))
         counts = dict.fromkeys(STATES, 0)
         counts.update({r[0]: r[1] for r in rows})
         return counts
@@ -285,7 +299,8 @@ class SqliteJobStore:
     def forget_instance_outcomes(self, instance: str) -> int:
         with self._tx() as db:
             return db.execute(
-                "DELETE FROM jobs WHERE instance=? AND model='' AND state != 'running'",
+                "DELETE FROM jobs WHERE instance=? AND model='' AND kind='analysis'"
+                " AND state != 'running'",
                 (instance,),
             ).rowcount
 

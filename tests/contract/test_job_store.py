@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from engine.stores import DIED_REASON, InboxKind, JobState, NewJob, open_store
+from engine.stores import DIED_REASON, InboxKind, JobKind, JobState, NewJob, open_store
 from engine.stores.base import INBOX_DONE_KEEP_SECONDS
 from inference.errors import TransientError
 from tests.harness import free_port
@@ -310,6 +310,36 @@ def test_list_filters(store):
     assert store.list(study="S3") == []
     assert ids(store.for_instance("i1")) == [j1.id, j4.id]
     assert store.for_instance("nothing") == []
+
+
+def test_kinds_of_jobs(store, clock):
+    """Priors, forward and retention jobs share the queue; queries default to analyses."""
+    analysis = store.add(new("i1", study="S1"))
+    priors = store.add(NewJob("", "S1", None, kind=JobKind.PRIORS, key="priors:S1"))
+    forward = store.add(NewJob("sr1", "S1", "SE", "m", "1", kind=JobKind.FORWARD,
+                               key="forward:PACS:1.2.3"))
+    later = store.add(NewJob("", "S0", None, kind=JobKind.RETENTION, key="retention:S0",
+                             not_before=clock.now + 100))
+    assert (priors.kind, forward.kind, analysis.kind) == ("priors", "forward", "analysis")
+    assert later.not_before == clock.now + 100
+    assert ids(store.list()) == [analysis.id]
+    assert ids(store.list(kind=None)) == [analysis.id, priors.id, forward.id, later.id]
+    assert ids(store.list(kind="forward", instance="sr1")) == [forward.id]
+    assert store.counts()["queued"] == 1 and store.counts(kind=None)["queued"] == 4
+    assert store.by_key("priors:S1") == priors and store.by_key("nope") is None
+    assert store.for_instance("sr1") == []  # a delivery is not an analysis of the SR
+    store.add(NewJob("sr1", "S1", "SE", state=JobState.SKIPPED, reason="our own SR"))
+    assert store.forget_instance_outcomes("sr1") == 1
+    assert store.get(forward.id) is not None  # deliveries are never forgotten
+    claimed = [store.claim_next("a/1", 30, 3) for _ in range(4)]
+    assert [j.id if j else None for j in claimed] == [analysis.id, priors.id, forward.id, None]
+    for job in claimed[:3]:
+        store.finish(job.id, JobState.DONE)
+    clock.now += 100
+    assert store.claim_next("a/1", 30, 3).id == later.id  # due at its time
+    store.finish(later.id, JobState.DONE)
+    again = store.requeue(later.id, not_before=clock.now + 50)
+    assert again.state == "queued" and again.not_before == clock.now + 50
 
 
 def test_counts(store):

@@ -1,0 +1,71 @@
+"""Forward each SR by C-STORE to the ``AI.Forward.Destinations`` (DicomModalities names).
+
+The sink only records one *forward job* per (destination, SR) in the job
+store: durable, so nothing is lost across a restart or a ``kill -9``, and
+keyed, so an SR made twice (a rerun, a revision's second writer) is sent
+once. The job is run like any other: claimed with a lease, retried with
+back-off while the destination is down (``AI.Forward`` retry keys), and
+done once Orthanc's C-STORE was acknowledged; a done job is never sent
+again. A worker killed between the acknowledgement and the job's end sends
+it once more: the same SOP Instance UID, which a PACS keeps once.
+
+Priors fetched for comparison are never forwarded, nor are their SRs.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from inference.errors import SkipInput
+
+from ..deliveries import destination_of, forward_key
+from ..source import InstanceGone, orthanc_instance_id
+from ..stores import Job, JobKind, NewJob
+from . import Report
+
+if TYPE_CHECKING:
+    from ..context import Context
+
+
+class DicomForwardSink:
+    name = "forward"
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def deliver(self, report: Report) -> dict[str, Any]:
+        from ..priors import is_prior
+
+        destinations = self.ctx.config.forward.destinations
+        if not destinations:
+            return {}
+        if is_prior(self.ctx, report.study):
+            return {"forward": "not forwarded: a prior fetched for comparison"}
+        sr = report.sr
+        sr_id = orthanc_instance_id(str(sr.get("PatientID", "")), str(sr.StudyInstanceUID),
+                                    str(sr.SeriesInstanceUID), str(sr.SOPInstanceUID))
+        queued = {}
+        for destination in destinations:
+            key = forward_key(destination, str(sr.SOPInstanceUID))
+            job = self.ctx.ledger.record(NewJob(
+                sr_id, report.study, report.series, model=report.card.id,
+                version=report.card.version, kind=JobKind.FORWARD, key=key))
+            queued[destination] = "queued" if job is not None else "already queued"
+        return {"forward": queued}
+
+
+def run(ctx: Context, job: Job) -> None:
+    """Send one SR to one destination; done once the C-STORE is acknowledged."""
+    destination, uid = destination_of(job)
+    forward = ctx.config.forward
+    with ctx.ledger.outcome(job, policy=forward) as done:
+        if destination not in forward.destinations:
+            raise SkipInput(f"{destination} is no longer in AI.Forward.Destinations")
+        try:
+            answer = ctx.dimse.store(destination, [job.instance], forward.timeout_seconds)
+        except InstanceGone as exc:
+            raise SkipInput("the SR was deleted from Orthanc before it could be sent") from exc
+        done({"destination": destination, "sr_instance": job.instance,
+              "sr_sop_instance_uid": uid, "remote_aet": answer.get("RemoteAet"),
+              "delivered": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, None)

@@ -1,0 +1,257 @@
+"""Priors by C-FIND/C-MOVE, interval change in the SR, and forwarding, against real peers.
+
+One orthanc-ai node and three PACS on loopback: a plain Orthanc ("PACS",
+also the forwarding destination), dcmtk's dcmqrscp ("DCMQR"), and a second
+dcmqrscp that does not know our AE title, so that its C-MOVEs fail
+("BADMOVE"). Each scenario is its own patient.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from inference.interval import PriorFinding, change
+from inference.postprocess import Finding
+from tests.dicom_tools import dciodvfy_errors
+from tests.factories import patient_study_dx
+from tests.harness import OrthancAI, write_config
+from tests.peers import DcmqrscpPacs, OrthancPacs, stop_all
+
+CURRENT_DATE = "20251001"
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("priors")
+    pacs = OrthancPacs(tmp / "pacs", "PACS")
+    dcmqr = DcmqrscpPacs(tmp / "dcmqr", "DCMQR")
+    badmove = DcmqrscpPacs(tmp / "badmove", "BADMOVE", known={})  # moves fail (0xA801)
+    config = write_config(tmp / "ai.json", Priors={
+        "Sources": ["PACS", "DCMQR", "BADMOVE"], "MaxAgeDays": 3650, "MaxPriors": 1,
+        "DeadlineSeconds": 30, "RetryBackoffSeconds": 1, "MaxBackoffSeconds": 3,
+        "MaxAttempts": 10, "RetentionHours": 24,
+    }, Forward={"Destinations": ["PACS"], "RetryBackoffSeconds": 1, "MaxBackoffSeconds": 2})
+    ai = OrthancAI(tmp / "ai", config=config)
+    data = json.loads(config.read_text())
+    data["DicomModalities"] = {
+        p.aet: {"AET": p.aet, "Host": "127.0.0.1", "Port": p.peer[2]}
+        for p in (pacs, dcmqr, badmove)}
+    config.write_text(json.dumps(data))
+    me = ("ORTHANC", "127.0.0.1", ai.dicom_port)
+    pacs.known = {"ORTHANC": me}
+    dcmqr.known = {"ORTHANC": me}
+    priors = {
+        "found": ("P-FOUND", pacs, {}),
+        "dcmqr": ("P-DCMQR", dcmqr, {}),
+        "issuer": ("P-ISSUER", dcmqr, {"issuer": "HOSP_B"}),
+        "movefail": ("P-MOVEFAIL", badmove, {}),
+        "down": ("P-DOWN", pacs, {}),
+    }
+    try:
+        for node in (pacs, dcmqr, badmove):
+            node.start()
+        for name, (patient, where, kw) in priors.items():
+            ds = patient_study_dx(patient, "20240110", fracture=False, accession=f"PRI-{name}",
+                                  **kw)
+            path = tmp / f"prior-{name}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            if isinstance(where, OrthancPacs):
+                where.upload(path.read_bytes())
+            else:
+                where.load([path])
+        ai.start()
+        yield {"ai": ai, "pacs": pacs, "dcmqr": dcmqr, "tmp": tmp}
+    finally:
+        ai.stop()
+        stop_all((pacs, dcmqr, badmove))
+
+
+def send_current(net: dict[str, Any], patient: str, **kw: Any) -> str:
+    """C-STORE a current study of ``patient``; its SOP Instance UID."""
+    ds = patient_study_dx(patient, CURRENT_DATE, fracture=True, accession=f"CUR-{patient}",
+                          **kw)
+    path = net["tmp"] / f"current-{patient}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    net["ai"].storescu([path])
+    return str(ds.SOPInstanceUID)
+
+
+def analysis(ai: OrthancAI, sop: str, timeout: float = 120) -> dict[str, Any]:
+    deadline = time.time() + timeout
+    while (instance := ai.lookup(sop)) is None:
+        assert time.time() < deadline, ai.log_tail()
+        time.sleep(0.2)
+    jobs = [j for j in ai.wait_jobs([instance], timeout=timeout) if j["model"]]
+    assert len(jobs) == 1 and jobs[0]["state"] == "done", jobs
+    return jobs[0]
+
+
+def sr_of(ai: OrthancAI, job: dict[str, Any]) -> pydicom.Dataset:
+    return pydicom.dcmread(io.BytesIO(ai.get_bytes(f"/instances/{job['result']['sr_instance']}"
+                                                   "/file")))
+
+
+def qualitative_difference(sr: pydicom.Dataset) -> pydicom.Dataset | None:
+    def walk(items):
+        for item in items:
+            name = item.get("ConceptNameCodeSequence")
+            if name and name[0].CodeValue == "111049":
+                return item
+            found = walk(item.get("ContentSequence", []))
+            if found is not None:
+                return found
+        return None
+
+    return walk(sr.ContentSequence)
+
+
+def notes(sr: pydicom.Dataset) -> str:
+    """Every text value of the content tree (the algorithm's parameters among them)."""
+    texts: list[str] = []
+
+    def walk(items):
+        for item in items:
+            texts.append(str(item.get("TextValue", "")))
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    return "\n".join(texts)
+
+
+def wait(condition, timeout: float = 60, what: str = "") -> Any:
+    deadline = time.time() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
+
+
+def deliveries(ai: OrthancAI, sr_instance: str) -> list[dict[str, Any]]:
+    return [d for d in ai.get("/ai/deliveries?limit=10000") if d["sr_instance"] == sr_instance]
+
+
+def check_compared(ai: OrthancAI, job: dict[str, Any], source: str, tmp: Path) -> None:
+    cmp = job["result"]["comparison"]
+    assert cmp["state"] == "compared", cmp
+    assert cmp["prior_source"] == source and cmp["prior_study_date"] == "20240110"
+    expected = change(Finding(job["result"]["probability"], job["result"]["threshold"], None),
+                      PriorFinding(cmp["prior_probability"], job["result"]["threshold"]))
+    assert cmp["change"] == expected.value
+    sr = sr_of(ai, job)
+    item = qualitative_difference(sr)
+    assert item is not None
+    codes = {"new": "129721008", "unchanged": "129723006", "resolved": "723506003"}
+    assert item.ConceptCodeSequence[0].CodeValue == codes[cmp["change"]]
+    evidence = sr.PertinentOtherEvidenceSequence[0]
+    assert evidence.StudyInstanceUID == cmp["prior_study_uid"]
+    path = tmp / f"{sr.SOPInstanceUID}.dcm"
+    sr.save_as(path)
+    assert dciodvfy_errors(path) == []
+    # The prior: marked as fetched for comparison (or local), analysed, not a current study.
+    prior = cmp["prior_study"]
+    prior_jobs = [j for j in ai.jobs(study=prior) if j["model"]]
+    assert prior_jobs and all(j["state"] == "done" for j in prior_jobs)
+    if source != "local":  # a local prior was a current study once
+        assert not [j for j in ai.jobs(kind="priors", study=prior)]
+        assert [j for j in ai.jobs(kind="retention", study=prior)]
+        for j in prior_jobs:
+            assert j["result"]["forward"] == "not forwarded: a prior fetched for comparison"
+            assert deliveries(ai, j["result"]["sr_instance"]) == []
+
+
+def test_prior_on_the_pacs_is_fetched_compared_and_the_sr_forwarded(net):
+    ai, pacs = net["ai"], net["pacs"]
+    job = analysis(ai, send_current(net, "P-FOUND"))
+    check_compared(ai, job, "PACS", net["tmp"])
+    sr = sr_of(ai, job)
+    done = wait(lambda: [d for d in deliveries(ai, job["result"]["sr_instance"])
+                         if d["state"] == "done"], what="delivery")
+    assert done[0]["destination"] == "PACS"
+    assert pacs.find_sop(str(sr.SOPInstanceUID))
+    detail = ai.get(f"/ai/jobs/{job['id']}")
+    assert detail["deliveries"][0]["state"] == "done"
+
+
+def test_prior_only_on_the_second_pacs(net):
+    job = analysis(net["ai"], send_current(net, "P-DCMQR"))
+    check_compared(net["ai"], job, "DCMQR", net["tmp"])
+
+
+def test_a_local_prior_is_used_where_it_is(net):
+    ai = net["ai"]
+    prior = patient_study_dx("P-LOCAL", "20240110", fracture=False, accession="PRI-local")
+    ai.upload(io_bytes(prior))
+    prior_job = analysis(ai, str(prior.SOPInstanceUID))
+    job = analysis(ai, send_current(net, "P-LOCAL"))
+    check_compared(ai, job, "local", net["tmp"])
+    assert job["result"]["comparison"]["prior_sr"] == prior_job["result"]["sr_sop_instance_uid"]
+
+
+def io_bytes(ds: pydicom.Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_no_prior_says_so(net):
+    job = analysis(net["ai"], send_current(net, "P-NONE"))
+    cmp = job["result"]["comparison"]
+    assert cmp["state"] == "none" and "no earlier study" in cmp["reason"]
+    sr = sr_of(net["ai"], job)
+    assert qualitative_difference(sr) is None
+    assert "no prior comparison" in notes(sr)
+
+
+def test_same_patient_id_of_another_issuer_is_not_a_prior(net):
+    job = analysis(net["ai"], send_current(net, "P-ISSUER", issuer="HOSP_A"))
+    assert job["result"]["comparison"]["state"] == "none", job["result"]["comparison"]
+    assert qualitative_difference(sr_of(net["ai"], job)) is None
+
+
+def test_a_failing_c_move_is_recorded_and_the_result_not_held_back(net):
+    ai = net["ai"]
+    job = analysis(ai, send_current(net, "P-MOVEFAIL"))
+    cmp = job["result"]["comparison"]
+    assert cmp["state"] == "pending" and "C-MOVE from BADMOVE failed" in cmp["reason"], cmp
+    assert "C-MOVE from BADMOVE failed" in notes(sr_of(ai, job))
+    priors_job = ai.jobs(kind="priors", study=job["study"])[0]
+    assert priors_job["state"] in ("failed", "running") and "BADMOVE" in priors_job["reason"]
+
+
+def test_pacs_down_then_back_revised_sr_and_each_sr_delivered_once(net):
+    ai, pacs = net["ai"], net["pacs"]
+    pacs.stop()
+    try:
+        job = analysis(ai, send_current(net, "P-DOWN"))
+        cmp = job["result"]["comparison"]
+        assert cmp["state"] == "pending" and "PACS" in cmp["reason"], cmp
+        first_sr = job["result"]["sr_instance"]
+        wait(lambda: any(d["attempts"] >= 1 and d["state"] == "failed"
+                         for d in deliveries(ai, first_sr)), what="a failed delivery")
+    finally:
+        pacs.start()
+    revised = wait(lambda: (j := ai.get(f"/ai/jobs/{job['id']}"))["result"].get("revises")
+                   and j, timeout=90, what="the revised SR")
+    assert revised["result"]["revises"] == job["result"]["sr_sop_instance_uid"]
+    check_compared(ai, revised, "PACS", net["tmp"])
+    sr = sr_of(ai, revised)
+    assert sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0] \
+        .ReferencedSOPSequence[0].ReferencedSOPInstanceUID == job["result"]["sr_sop_instance_uid"]
+    for sr_instance in (first_sr, revised["result"]["sr_instance"]):
+        done = wait(lambda i=sr_instance: [d for d in deliveries(ai, i) if d["state"] == "done"],
+                    timeout=60, what="delivery after the PACS came back")
+        assert len(deliveries(ai, sr_instance)) == 1
+        attempts = done[0]["attempts"]
+        time.sleep(2)
+        assert deliveries(ai, sr_instance)[0]["attempts"] == attempts  # never sent again
+    assert pacs.find_sop(job["result"]["sr_sop_instance_uid"])
+    assert pacs.find_sop(revised["result"]["sr_sop_instance_uid"])
