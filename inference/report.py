@@ -13,6 +13,14 @@ The content is highdicom's templates (valid by construction):
 - every group names the algorithm (TID 4019) by the card's name and version,
   with the inputs that were missing listed as algorithm parameters.
 
+Interval change. With a :class:`~inference.interval.Comparison` for a
+finding, its group also holds a second qualitative evaluation, CODE (111049,
+DCM, "Qualitative Difference") = the change (CID 6002 / 6134 codes; SCT
+"Resolved" for a finding gone), with HAS PROPERTIES children: the prior's
+Study Date and Study Instance UID, its probability, the volume difference
+(mL), a Comment in words and a COMPOSITE reference to our SR of the prior.
+That SR, in another study, is listed in the Pertinent Other Evidence Sequence.
+
 Series and SOP Instance UIDs are derived from the source UIDs and the model
 id and version, so processing the same image again yields the same SR (and
 Orthanc the same instance ID) instead of a duplicate.
@@ -39,7 +47,8 @@ result equals :func:`build_sr_highdicom` element by element (tests compare
 them) in about a tenth of the time. pydicom's writer then costs twice the
 build (~9 ms); :func:`sr_bytes` writes the same bytes in about 1 ms, with a
 writer for the SR's closed set of value types that mirrors pydicom's and
-leaves anything else (and SRs not built from a template) to ``save_as``.
+leaves anything else (and SRs not built by :func:`build_sr`) to ``save_as``.
+An SR with interval changes is built by highdicom directly (no template).
 """
 
 from __future__ import annotations
@@ -90,6 +99,7 @@ from pydicom.valuerep import (
 
 from .card import Code, ModelCard
 from .errors import BadInput, JobOutcome
+from .interval import Change, Comparison
 from .postprocess import Finding, Region
 from .uids import derived_uid
 
@@ -124,6 +134,21 @@ VOLUME = CodedConcept("118565006", "SCT", "Volume")
 PROBABILITY = CodedConcept("122157", "DCM", "Probability")
 PLAIN_RADIOGRAPHY = CodedConcept("168537006", "SCT", "Plain radiography")
 CT_PROCEDURE = CodedConcept("77477000", "SCT", "CT")
+
+# Interval change (see "Interval change" in the module docstring).
+QUALITATIVE_DIFFERENCE = CodedConcept("111049", "DCM", "Qualitative Difference")
+STUDY_DATE = CodedConcept("111060", "DCM", "Study Date")
+STUDY_INSTANCE_UID = CodedConcept("110180", "DCM", "Study Instance UID")
+DIFFERENCE_IN_SIZE = CodedConcept("129806009", "SCT", "Difference in size")
+COMMENT = CodedConcept("121106", "DCM", "Comment")
+PRIOR_REPORT = CodedConcept("122075", "DCM", "Prior report for current patient")
+CHANGE_CODES = {
+    Change.NEW: CodedConcept("129721008", "SCT", "New finding"),
+    Change.UNCHANGED: CodedConcept("129723006", "SCT", "No significant changes in the finding"),
+    Change.INCREASED: CodedConcept("15454001", "SCT", "Increase in size"),
+    Change.DECREASED: CodedConcept("19776001", "SCT", "Decrease in size"),
+    Change.RESOLVED: CodedConcept("723506003", "SCT", "Resolved"),
+}
 
 # Exceptions highdicom and pydicom raise for values they refuse.
 _BUILD_ERRORS = (AttributeError, KeyError, IndexError, TypeError, ValueError, LookupError,
@@ -653,9 +678,10 @@ class _Prepared:
     predecessor: Dataset | None
 
 
-def _own_texts(card: ModelCard, missing_inputs: Sequence[str], notes: Sequence[str]) -> list[str]:
+def _own_texts(card: ModelCard, missing_inputs: Sequence[str], notes: Sequence[str],
+               comparisons: Sequence[Comparison | None] = ()) -> list[str]:
     texts = [card.id, card.name, card.version, card.finding.meaning, MANUFACTURER,
-             *missing_inputs, *notes]
+             *missing_inputs, *notes, *(c.describe() for c in comparisons if c is not None)]
     if card.finding_site:
         texts.append(card.finding_site.meaning)
     return [str(t) for t in texts]
@@ -663,8 +689,10 @@ def _own_texts(card: ModelCard, missing_inputs: Sequence[str], notes: Sequence[s
 
 def _prepare(source: Dataset, card: ModelCard, *, missing_inputs: Sequence[str],
              notes: Sequence[str], uids: tuple[str, str] | None,
-             predecessor: Dataset | None, now: dt.datetime | None) -> _Prepared:
-    header, source_notes = _sanitised_header(source, _own_texts(card, missing_inputs, notes))
+             predecessor: Dataset | None, now: dt.datetime | None,
+             comparisons: Sequence[Comparison | None] = ()) -> _Prepared:
+    header, source_notes = _sanitised_header(
+        source, _own_texts(card, missing_inputs, notes, comparisons))
     series_uid, sop_uid = uids or sr_uids(header, card)
     number = header.get("InstanceNumber")
     if isinstance(number, int) and 1 <= number < 2**31:
@@ -700,10 +728,73 @@ def _tracking_uid(sop_uid: str, index: int) -> str:
     return derived_uid("orthanc-ai/tracking", sop_uid, str(index))
 
 
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(float(value))
+
+
+def _prior_sr_evidence(comparison: Comparison) -> Dataset | None:
+    """Our SR of the prior, as an evidence item for highdicom; None where there is none to cite."""
+    prior = comparison.prior_sr
+    if prior is None:
+        return None
+    uids = {"StudyInstanceUID": prior.study_instance_uid,
+            "SeriesInstanceUID": prior.series_instance_uid,
+            "SOPInstanceUID": prior.sop_instance_uid, "SOPClassUID": prior.sop_class_uid}
+    if not all(_valid_text("UI", str(v), k) for k, v in uids.items()):
+        log.info("orthanc-ai: SR: the prior SR's UIDs are not valid; it is not referenced")
+        return None
+    ds = Dataset()
+    for keyword, value in uids.items():
+        setattr(ds, keyword, str(value))
+    return ds
+
+
+def _qualitative_difference(comparison: Comparison) -> hd.sr.QualitativeEvaluation:
+    """The interval change as a qualitative evaluation, with what it was compared with.
+
+    CODE (111049, DCM, "Qualitative Difference") = the change, with HAS
+    PROPERTIES children: the prior's Study Date (DATE, when valid) and Study
+    Instance UID (UIDREF, when valid), its probability (NUM), the volume
+    difference (NUM, mL, when measured), a Comment (TEXT) and our SR of the
+    prior (COMPOSITE, when known).
+    """
+    evaluation = hd.sr.QualitativeEvaluation(
+        name=QUALITATIVE_DIFFERENCE, value=CHANGE_CODES[Change(comparison.change)])
+    has = hd.sr.RelationshipTypeValues.HAS_PROPERTIES
+    children: list[hd.sr.ContentItem] = []
+    date = _normalised_text("DA", str(comparison.prior_study_date or ""), "StudyDate")
+    if date:
+        children.append(hd.sr.DateContentItem(name=STUDY_DATE, value=date,
+                                               relationship_type=has))
+    uid = str(comparison.prior_study_uid or "")
+    if _valid_text("UI", uid, "StudyInstanceUID"):
+        children.append(hd.sr.UIDRefContentItem(name=STUDY_INSTANCE_UID, value=uid,
+                                                relationship_type=has))
+    if _finite(comparison.prior.probability):
+        children.append(hd.sr.NumContentItem(
+            name=PROBABILITY, value=round(float(comparison.prior.probability), 6),
+            unit=UNIT_NONE, relationship_type=has))
+    if _finite(comparison.volume_difference_ml):
+        children.append(hd.sr.NumContentItem(
+            name=DIFFERENCE_IN_SIZE, value=round(float(comparison.volume_difference_ml), 3),
+            unit=UNIT_ML, relationship_type=has))
+    children.append(hd.sr.TextContentItem(name=COMMENT, value=comparison.describe(),
+                                          relationship_type=has))
+    if _prior_sr_evidence(comparison) is not None:
+        prior = comparison.prior_sr
+        children.append(hd.sr.CompositeContentItem(
+            name=PRIOR_REPORT, referenced_sop_class_uid=prior.sop_class_uid,
+            referenced_sop_instance_uid=prior.sop_instance_uid, relationship_type=has))
+    evaluation[0].ContentSequence = children
+    return evaluation
+
+
 def _measurement_report(card: ModelCard, findings: Sequence[Finding],
                         parameters: list[str] | None, sop_class: str, src_uid: str,
                         tracking_uids: Sequence[str], procedure: CodedConcept,
-                        library: Dataset | None) -> hd.sr.MeasurementReport:
+                        library: Dataset | None,
+                        comparisons: Sequence[Comparison | None] | None = None,
+                        ) -> hd.sr.MeasurementReport:
     """The TID 1500 content, built by highdicom (for a real image or with placeholders)."""
     algorithm = hd.sr.AlgorithmIdentification(
         name=card.name, version=card.version, parameters=parameters, manufacturer=MANUFACTURER
@@ -740,6 +831,10 @@ def _measurement_report(card: ModelCard, findings: Sequence[Finding],
             name=finding_type,
             value=codes.SCT.Present if finding.positive else codes.SCT.Absent,
         )
+        evaluations = [presence]
+        comparison = comparisons[index - 1] if comparisons else None
+        if comparison is not None:
+            evaluations.append(_qualitative_difference(comparison))
         if finding.positive and finding.region is not None:
             region = hd.sr.ImageRegion(
                 graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
@@ -754,7 +849,7 @@ def _measurement_report(card: ModelCard, findings: Sequence[Finding],
                     algorithm_id=algorithm,
                     finding_sites=sites,
                     measurements=measurements,
-                    qualitative_evaluations=[presence],
+                    qualitative_evaluations=evaluations,
                 )
             )
         else:
@@ -765,7 +860,7 @@ def _measurement_report(card: ModelCard, findings: Sequence[Finding],
                     algorithm_id=algorithm,
                     finding_sites=sites,
                     measurements=measurements,
-                    qualitative_evaluations=[presence],
+                    qualitative_evaluations=evaluations,
                     source_images=[hd.sr.SourceImageForMeasurementGroup(sop_class, src_uid)],
                 )
             )
@@ -781,8 +876,9 @@ def _series_description(card: ModelCard) -> str:
     return f"AI {card.name} {card.version}"[:64]
 
 
-def _build_highdicom(card: ModelCard, findings: Sequence[Finding],
-                     prep: _Prepared) -> hd.sr.Comprehensive3DSR:
+def _build_highdicom(card: ModelCard, findings: Sequence[Finding], prep: _Prepared,
+                     comparisons: Sequence[Comparison | None] | None = None,
+                     ) -> hd.sr.Comprehensive3DSR:
     header = prep.header
     sop_class, src_uid = str(header.SOPClassUID), str(header.SOPInstanceUID)
     tracking = [_tracking_uid(prep.sop_uid, i) for i in range(1, len(findings) + 1)]
@@ -791,16 +887,23 @@ def _build_highdicom(card: ModelCard, findings: Sequence[Finding],
     # images may lack. The source image stays referenced by every group.
     try:
         report = _measurement_report(card, findings, prep.parameters, sop_class, src_uid,
-                                     tracking, prep.procedure, header)
+                                     tracking, prep.procedure, header, comparisons)
     except _BUILD_ERRORS:
         report = _measurement_report(card, findings, prep.parameters, sop_class, src_uid,
-                                     tracking, prep.procedure, None)
+                                     tracking, prep.procedure, None, comparisons)
+    # Our SRs of prior studies that the content references: in another study,
+    # highdicom lists them in the Pertinent Other Evidence Sequence.
+    evidence = [header]
+    for comparison in comparisons or ():
+        prior = _prior_sr_evidence(comparison) if comparison is not None else None
+        if prior is not None:
+            evidence.append(prior)
     now = prep.now
     with warnings.catch_warnings():
         # highdicom warns about single-component names, quoting the name.
         warnings.simplefilter("ignore", UserWarning)
         return hd.sr.Comprehensive3DSR(
-            evidence=[header],
+            evidence=evidence,
             content=report,
             series_instance_uid=prep.series_uid,
             series_number=SR_SERIES_NUMBER,
@@ -1264,18 +1367,44 @@ def build_sr_highdicom(
     uids: tuple[str, str] | None = None,
     predecessor: Dataset | None = None,
     notes: Sequence[str] = (),
+    comparisons: Sequence[Comparison | None] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The same SR as :func:`build_sr`, built directly by highdicom (the reference; slow)."""
-    if not findings:
-        raise ValueError("at least one finding (positive or negative) is required")
+    comparisons = _checked_comparisons(findings, comparisons)
     prep = _prepare(source, card, missing_inputs=missing_inputs, notes=notes, uids=uids,
-                    predecessor=predecessor, now=now)
+                    predecessor=predecessor, now=now, comparisons=comparisons or ())
     try:
-        return _build_highdicom(card, findings, prep)
+        return _build_highdicom(card, findings, prep, comparisons)
     except JobOutcome:
         raise
     except _BUILD_ERRORS as exc:
         raise _cannot_build(exc) from None
+
+
+def _checked_comparisons(findings: Sequence[Finding],
+                         comparisons: Sequence[Comparison | None] | None,
+                         ) -> list[Comparison | None] | None:
+    """The comparisons, one per finding; None where there is none at all."""
+    if not findings:
+        raise ValueError("at least one finding (positive or negative) is required")
+    if comparisons is None:
+        return None
+    comparisons = list(comparisons)
+    if len(comparisons) != len(findings):
+        raise ValueError(f"{len(comparisons)} comparisons for {len(findings)} findings")
+    for comparison in comparisons:
+        if comparison is not None and not isinstance(comparison, Comparison):
+            raise TypeError(f"a comparison is an inference.interval.Comparison, "
+                            f"not {type(comparison).__name__}")
+    return comparisons if any(c is not None for c in comparisons) else None
+
+
+class _ComparedComprehensive3DSR(hd.sr.Comprehensive3DSR):
+    """An SR with interval changes, built by highdicom directly for :func:`build_sr`.
+
+    The same dataset as :class:`highdicom.sr.Comprehensive3DSR`; the class
+    only tells :func:`sr_bytes` that the lean writer may write it.
+    """
 
 
 def _cannot_build(exc: BaseException) -> BadInput:
@@ -1300,19 +1429,30 @@ def build_sr(
     uids: tuple[str, str] | None = None,
     predecessor: Dataset | None = None,
     notes: Sequence[str] = (),
+    comparisons: Sequence[Comparison | None] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The SR for one source image (or key slice) and one model's findings on it.
 
     ``uids`` overrides the (series, SOP instance) UIDs, e.g. for a series-level
     result keyed by its set of slices; ``predecessor`` is the SR this one
-    revises (PS3.3 C.17.2.3, Predecessor Documents Sequence). Invalid source
-    values are normalised or left out, with a note each (see the module
-    docstring); raises BadInput where no valid SR can be built.
+    revises (PS3.3 C.17.2.3, Predecessor Documents Sequence). ``comparisons``,
+    aligned with ``findings`` (None for a finding without one), adds each
+    finding's interval change since a prior study (see the module docstring).
+    Invalid source values are normalised or left out, with a note each (see
+    the module docstring); raises BadInput where no valid SR can be built.
     """
-    if not findings:
-        raise ValueError("at least one finding (positive or negative) is required")
+    comparisons = _checked_comparisons(findings, comparisons)
     prep = _prepare(source, card, missing_inputs=missing_inputs, notes=notes, uids=uids,
-                    predecessor=predecessor, now=now)
+                    predecessor=predecessor, now=now, comparisons=comparisons or ())
+    if comparisons is not None:  # no template: highdicom builds it, the lean writer writes it
+        try:
+            sr = _build_highdicom(card, findings, prep, comparisons)
+        except JobOutcome:
+            raise
+        except _BUILD_ERRORS as exc:
+            raise _cannot_build(exc) from None
+        sr.__class__ = _ComparedComprehensive3DSR
+        return sr
     if _FAST:
         try:
             sr = _build_fast(card, findings, prep)
@@ -1596,10 +1736,10 @@ def sr_bytes(sr: Dataset) -> bytes:
     """The SR as a DICOM Part 10 file, Explicit VR Little Endian.
 
     The bytes ``sr.save_as(fp, enforce_file_format=True)`` writes; for an SR
-    from the template path (:func:`build_sr`) in a fraction of its time.
+    from :func:`build_sr` in a fraction of its time.
     """
     data = None
-    if isinstance(sr, _TemplatedComprehensive3DSR):
+    if isinstance(sr, _TemplatedComprehensive3DSR | _ComparedComprehensive3DSR):
         try:
             data = _part10(sr)
         except Exception as exc:  # noqa: BLE001 - pydicom's writer decides then

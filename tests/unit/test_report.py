@@ -6,9 +6,11 @@ highdicom build element by element.
 """
 
 import copy
+import dataclasses
 import datetime as dt
 import io
 import re
+import shutil
 import struct
 import subprocess
 
@@ -27,6 +29,7 @@ from pydicom.valuerep import DA, DT, TM, DSdecimal
 from inference import report
 from inference.card import ModelCard
 from inference.errors import BadInput
+from inference.interval import Change, Comparison, PriorFinding, PriorReference, compare
 from inference.postprocess import Finding, Region
 from inference.report import build_sr, build_sr_highdicom, device_uid, sr_uids
 from tests.dicom_tools import DCIODVFY, dciodvfy_errors
@@ -695,3 +698,254 @@ def test_sr_bytes_leaves_what_it_does_not_mirror_to_save_as(card, dx):
     data = report.sr_bytes(sr)
     assert pydicom.dcmread(io.BytesIO(data))[0x00280106].VR == "SS"
     assert data == _saved(sr)
+
+
+# --------------------------------------------------------------------------
+# Interval change: the comparison with a prior study, in the finding's group.
+
+DSRDUMP = shutil.which("dsrdump")  # DCMTK: checks the IOD's relationship constraints
+PRIOR_DATE = "20240301"
+CHANGE_CODE = {Change.NEW: "129721008", Change.UNCHANGED: "129723006",
+               Change.INCREASED: "15454001", Change.DECREASED: "19776001",
+               Change.RESOLVED: "723506003"}
+DX_REGION = Region(100.0, 200.0, 180.5, 260.25)
+# (current finding, prior finding) per change; DX has no volume, so its
+# increased / decreased are a reader's (the rule cannot tell without one).
+DX_CASES = {
+    Change.NEW: (Finding(0.87, 0.5, DX_REGION), PriorFinding(0.1, 0.5)),
+    Change.UNCHANGED: (Finding(0.87, 0.5, DX_REGION), PriorFinding(0.8, 0.5)),
+    Change.INCREASED: (Finding(0.87, 0.5, DX_REGION), PriorFinding(0.6, 0.5)),
+    Change.DECREASED: (Finding(0.62, 0.5, DX_REGION), PriorFinding(0.9, 0.5)),
+    Change.RESOLVED: (Finding(0.12, 0.5, None), PriorFinding(0.9, 0.5)),
+}
+CT_CASES = {
+    Change.NEW: (Finding(0.95, 0.5, None, volume_ml=12.5), PriorFinding(0.2, 0.5, 0.0)),
+    Change.UNCHANGED: (Finding(0.9, 0.5, None, volume_ml=12.5), PriorFinding(0.85, 0.5, 12.0)),
+    Change.INCREASED: (Finding(0.9, 0.5, None, volume_ml=20.0), PriorFinding(0.8, 0.5, 12.5)),
+    Change.DECREASED: (Finding(0.9, 0.5, None, volume_ml=5.0), PriorFinding(0.9, 0.5, 12.5)),
+    Change.RESOLVED: (Finding(0.1, 0.5, None, volume_ml=0.0), PriorFinding(0.9, 0.5, 12.5)),
+}
+
+
+def _dsrdump_errors(path) -> list[str]:
+    """DCMTK's complaints reading the SR (it refuses relationships the IOD does not allow)."""
+    proc = subprocess.run([DSRDUMP, str(path)], capture_output=True, timeout=60)
+    lines = proc.stderr.decode("utf-8", "replace").splitlines()
+    return [line for line in lines if line[:2] in ("E:", "F:", "W:")] + \
+        ([f"exit status {proc.returncode}"] if proc.returncode else [])
+
+
+def _prior_of(base: Dataset, index: str) -> Dataset:
+    """``base`` as an image of an earlier study of the same patient."""
+    ds = copy.deepcopy(base)
+    ds.StudyInstanceUID = f"{base.StudyInstanceUID}.9{index}"
+    ds.SeriesInstanceUID = f"{base.SeriesInstanceUID}.9{index}"
+    ds.SOPInstanceUID = f"{base.SOPInstanceUID}.9{index}"
+    ds.StudyDate = PRIOR_DATE
+    return ds
+
+
+def _reference(sr: Dataset) -> PriorReference:
+    return PriorReference(str(sr.SOPClassUID), str(sr.SOPInstanceUID),
+                          str(sr.SeriesInstanceUID), str(sr.StudyInstanceUID))
+
+
+@pytest.fixture(scope="module")
+def priors(card, dx, ct):
+    """(prior image, our SR of it) per modality."""
+    found = {}
+    for name, base, finding in (("dx", dx, Finding(0.3, 0.5, None)),
+                                ("ct", ct, Finding(0.3, 0.5, None, volume_ml=1.0))):
+        image = _prior_of(base, "1")
+        found[name] = image, build_sr(image, card, [finding], now=NOW)
+    return found
+
+
+def _case(modality: str, change: Change, priors) -> tuple[Dataset, Finding, Comparison]:
+    current, prior = (DX_CASES if modality == "dx" else CT_CASES)[change]
+    image, prior_sr = priors[modality]
+    comparison = compare(current, prior, prior_study_uid=str(image.StudyInstanceUID),
+                         prior_study_date=str(image.StudyDate), prior_sr=_reference(prior_sr))
+    if comparison.change != change:  # DX increased / decreased: a reader's assessment
+        assert modality == "dx" and change in (Change.INCREASED, Change.DECREASED)
+        comparison = dataclasses.replace(comparison, change=change)
+    return image, current, comparison
+
+
+def _difference_items(back: Dataset) -> list[tuple[Dataset, Dataset]]:
+    """(measurement group, Qualitative Difference item) pairs of the SR."""
+    found = []
+    for group in _items(back):
+        for item in group.get("ContentSequence", []):
+            if item.get("ValueType") == "CODE" and \
+                    item.ConceptNameCodeSequence[0].CodeValue == "111049":
+                found.append((group, item))
+    return found
+
+
+def _children(item: Dataset) -> dict[str, Dataset]:
+    children = {}
+    for child in item.ContentSequence:
+        code = child.ConceptNameCodeSequence[0]
+        children[f"{code.CodingSchemeDesignator}:{code.CodeValue}"] = child
+    assert len(children) == len(item.ContentSequence)
+    return children
+
+
+def _pertinent_other_evidence(back: Dataset) -> set[tuple[str, ...]]:
+    return {(study.StudyInstanceUID, series.SeriesInstanceUID, sop.ReferencedSOPClassUID,
+             sop.ReferencedSOPInstanceUID)
+            for study in back.get("PertinentOtherEvidenceSequence", [])
+            for series in study.ReferencedSeriesSequence
+            for sop in series.ReferencedSOPSequence}
+
+
+@pytest.mark.parametrize("change", list(Change), ids=[c.value for c in Change])
+@pytest.mark.parametrize("modality", ["dx", "ct"])
+def test_interval_change_is_in_the_finding_group(card, dx, ct, priors, tmp_path, modality,
+                                                 change):
+    source = dx if modality == "dx" else ct
+    image, finding, comparison = _case(modality, change, priors)
+    prior_sr = priors[modality][1]
+    sr = build_sr(source, card, [finding], now=NOW, comparisons=[comparison])
+    assert isinstance(sr, report._ComparedComprehensive3DSR)  # highdicom built it
+    direct = build_sr_highdicom(source, card, [finding], now=NOW, comparisons=[comparison])
+    assert _differences(sr, direct) == []
+    path, back = _save_and_read(sr, tmp_path)  # sr_bytes == save_as's bytes, read back alike
+    assert report._part10(sr) == report.sr_bytes(sr)  # the lean writer wrote them
+    assert _errors(path) == []
+    if DSRDUMP:
+        assert _dsrdump_errors(path) == []
+
+    (group, item), = _difference_items(back)
+    assert group.ValueType == "CONTAINER"
+    assert group.ConceptNameCodeSequence[0].CodeValue == "125007"  # Measurement Group
+    assert item.RelationshipType == "CONTAINS"
+    value = item.ConceptCodeSequence[0]
+    assert (value.CodeValue, value.CodingSchemeDesignator) == (CHANGE_CODE[change], "SCT")
+    assert value.CodeMeaning == report.CHANGE_CODES[change].meaning
+    children = _children(item)
+    assert {c.RelationshipType for c in children.values()} == {"HAS PROPERTIES"}
+    expected = {"DCM:111060", "DCM:110180", "DCM:122157", "DCM:121106", "DCM:122075"}
+    if modality == "ct":
+        expected.add("SCT:129806009")
+    assert set(children) == expected
+    date = children["DCM:111060"]
+    assert (date.ValueType, date.Date) == ("DATE", PRIOR_DATE)
+    uid = children["DCM:110180"]
+    assert (uid.ValueType, uid.UID) == ("UIDREF", image.StudyInstanceUID)
+    probability = children["DCM:122157"]
+    assert probability.ValueType == "NUM"
+    measured = probability.MeasuredValueSequence[0]
+    assert float(measured.NumericValue) == pytest.approx(comparison.prior.probability)
+    unit = measured.MeasurementUnitsCodeSequence[0]
+    assert (unit.CodeValue, unit.CodingSchemeDesignator) == ("1", "UCUM")
+    if modality == "ct":
+        size = children["SCT:129806009"].MeasuredValueSequence[0]
+        assert float(size.NumericValue) == pytest.approx(comparison.volume_difference_ml)
+        assert size.MeasurementUnitsCodeSequence[0].CodeValue == "mL"
+        assert size.MeasurementUnitsCodeSequence[0].CodingSchemeDesignator == "UCUM"
+    comment = children["DCM:121106"]
+    assert (comment.ValueType, comment.TextValue) == ("TEXT", comparison.describe())
+    assert comment.TextValue.startswith(f"{change.value} since 2024-03-01 (probability ")
+    composite = children["DCM:122075"]
+    assert composite.ValueType == "COMPOSITE"
+    ref = composite.ReferencedSOPSequence[0]
+    assert (ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID) == \
+        (prior_sr.SOPClassUID, prior_sr.SOPInstanceUID)
+
+    # every referenced instance is evidence: the prior SR in Pertinent Other Evidence
+    assert _pertinent_other_evidence(back) == {
+        (prior_sr.StudyInstanceUID, prior_sr.SeriesInstanceUID, prior_sr.SOPClassUID,
+         prior_sr.SOPInstanceUID)}
+    current = back.CurrentRequestedProcedureEvidenceSequence
+    assert [s.StudyInstanceUID for s in current] == [source.StudyInstanceUID]
+    assert [i.ReferencedSOPInstanceUID for i in current[0].ReferencedSeriesSequence[0]
+            .ReferencedSOPSequence] == [source.SOPInstanceUID]
+    # the rest of the group is what it is without a comparison
+    presence = [i for i in group.ContentSequence if i.get("ValueType") == "CODE"
+                and i.ConceptNameCodeSequence[0].CodeValue == "72704001"]
+    assert [p.ConceptCodeSequence[0].CodeValue for p in presence] == \
+        ["52101004" if finding.positive else "272519000"]
+    scoords = [i for i in _items(back) if i.get("ValueType") == "SCOORD"]
+    assert len(scoords) == (1 if finding.positive and finding.region is not None else 0)
+    doc = hd.sr.srread(path)  # highdicom reads it back
+    groups = doc.content.get_planar_roi_measurement_groups() + \
+        doc.content.get_image_measurement_groups()
+    assert len(groups) == 1
+    names = {e.name.value for e in groups[0].get_qualitative_evaluations()}
+    assert {"72704001", "111049"} <= names
+
+
+def test_comparison_without_prior_sr_or_date(card, dx, tmp_path):
+    finding = Finding(0.87, 0.5, DX_REGION)
+    comparison = compare(finding, PriorFinding(0.1, 0.5), prior_study_uid="1.2.3.4",
+                         prior_study_date="")
+    sr = build_sr(dx, card, [finding], now=NOW, comparisons=[comparison])
+    path, back = _save_and_read(sr, tmp_path)
+    assert _errors(path) == []
+    (_, item), = _difference_items(back)
+    assert set(_children(item)) == {"DCM:110180", "DCM:122157", "DCM:121106"}
+    assert _children(item)["DCM:121106"].TextValue == \
+        "new since the prior study (probability 0.10 -> 0.87)"
+    assert "PertinentOtherEvidenceSequence" not in back
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_invalid_prior_values_are_left_out(card, dx, tmp_path):
+    finding = Finding(0.87, 0.5, DX_REGION)
+    bad_sr = PriorReference("1.2.840.10008.5.1.4.1.1.88.34", "1.2.03", "1.2.3", "1.2.3")
+    comparison = Comparison(Change.NEW, PriorFinding(float("nan"), 0.5), "1.2.03", "20241399",
+                            float("nan"), float("inf"), bad_sr)
+    sr = build_sr(dx, card, [finding], now=NOW, comparisons=[comparison])
+    path, back = _save_and_read(sr, tmp_path)
+    assert _errors(path) == []
+    (_, item), = _difference_items(back)
+    assert set(_children(item)) == {"DCM:121106"}
+    assert "PertinentOtherEvidenceSequence" not in back
+    date = dataclasses.replace(comparison, prior_study_date="2024-03-01")
+    (_, item), = _difference_items(build_sr(dx, card, [finding], now=NOW, comparisons=[date]))
+    assert str(_children(item)["DCM:111060"].Date) == PRIOR_DATE  # one meaning: normalised
+
+
+def test_comparisons_are_per_finding_and_the_prior_sr_is_listed_once(card, dx, priors, tmp_path):
+    _, located, first = _case("dx", Change.NEW, priors)
+    _, unlocated, second = _case("dx", Change.RESOLVED, priors)
+    findings = [located, Finding(0.3, 0.5, None), unlocated]
+    sr = build_sr(dx, card, findings, now=NOW, comparisons=[first, None, second])
+    direct = build_sr_highdicom(dx, card, findings, now=NOW, comparisons=[first, None, second])
+    assert _differences(sr, direct) == []
+    path, back = _save_and_read(sr, tmp_path)
+    assert _errors(path) == []
+    if DSRDUMP:
+        assert _dsrdump_errors(path) == []
+    pairs = _difference_items(back)
+    assert [item.ConceptCodeSequence[0].CodeValue for _, item in pairs] == \
+        ["129721008", "723506003"]
+    tracking = [[i.TextValue for i in group.ContentSequence
+                 if i.ConceptNameCodeSequence[0].CodeValue == "112039"] for group, _ in pairs]
+    assert tracking == [[f"{card.id} finding 1"], [f"{card.id} finding 3"]]
+    assert len(_pertinent_other_evidence(back)) == 1
+
+
+def test_without_comparisons_the_sr_is_unchanged(card, dx, ct):
+    for source, findings in ((dx, POSITIVE), (ct, [Finding(0.95, 0.5, None, volume_ml=12.5)])):
+        plain = build_sr(source, card, findings, now=NOW)
+        for comparisons in (None, [None] * len(findings)):
+            sr = build_sr(source, card, findings, now=NOW, comparisons=comparisons)
+            assert isinstance(sr, report._TemplatedComprehensive3DSR)  # the fast path
+            assert _differences(sr, plain) == []
+            assert _bytes(sr) == _bytes(plain)
+            direct = build_sr_highdicom(source, card, findings, now=NOW, comparisons=comparisons)
+            assert type(direct) is hd.sr.Comprehensive3DSR
+            assert _differences(sr, direct) == []
+            assert not _difference_items(sr)
+
+
+def test_comparisons_must_align_with_findings(card, dx, priors):
+    _, finding, comparison = _case("dx", Change.NEW, priors)
+    for build in (build_sr, build_sr_highdicom):
+        with pytest.raises(ValueError, match="2 comparisons for 1 findings"):
+            build(dx, card, [finding], comparisons=[comparison, None])
+        with pytest.raises(TypeError, match="Comparison"):
+            build(dx, card, [finding], comparisons=["new"])
