@@ -97,3 +97,37 @@ def gdcm_crashing_j2k(seed: int = 5000) -> Any:
     ds["PixelData"].is_undefined_length = True
     ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
     return ds
+
+
+def patient_study_dx(patient_id: str, study_date: str, *, issuer: str | None = None,
+                     fracture: bool = False, seed: int | None = None, body_part: str = "FOREARM",
+                     accession: str | None = None, study_time: str = "093000",
+                     spacing_mm: float | None = 1.0, age: float | None = 50.0,
+                     sex: str | None = "F"):
+    """One DX image in a new study of ``patient_id`` on ``study_date`` (YYYYMMDD).
+
+    UIDs derive from patient, issuer, date and seed, so the same call gives the
+    same study; another date, issuer or seed gives another. ``body_part`` is a
+    key of ``training.synthetic.dx.ANATOMIC_REGIONS`` (synthetic_dx's default
+    is "FOREARM"). ``spacing_mm=1.0`` keeps the image small (about 230 x 230).
+    """
+    import zlib
+
+    from inference.uids import derived_uid
+
+    key = (patient_id, issuer or "", study_date, study_time, str(seed))
+    if seed is None:
+        seed = zlib.crc32("\x1f".join(key).encode()) % 100_000
+    ds = synthetic_dx(
+        seed, fracture=fracture, age=age, sex=sex, spacing_mm=spacing_mm,
+        patient_id=patient_id, patient_name=f"PRIOR^{patient_id}",
+        study_uid=derived_uid("patient-study", *key),
+        series_uid=derived_uid("patient-series", *key),
+        sop_uid=derived_uid("patient-instance", *key),
+        study_date=study_date, study_time=study_time, body_part=body_part,
+        accession_number=accession if accession is not None
+        else f"ACC{zlib.crc32(derived_uid('acc', *key).encode()) % 10**8:08d}",
+    )
+    if issuer is not None:
+        ds.IssuerOfPatientID = issuer
+    return ds
