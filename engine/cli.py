@@ -176,52 +176,76 @@ def wait_for_jobs(base_url: str, instance_ids: list[str], series_ids: list[str],
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from training.synthetic.ct import write_demo_ct_study
-    from training.synthetic.dx import write_demo_studies
+    from engine.demo import AET, DemoPacs, demo_configuration
+    from training.synthetic.dx import write_demo_priors
 
-    argv, env = prepare(args)
     data = Path(args.data).resolve()
-    log_path = data / "orthanc.log"
-    base_url = f"http://127.0.0.1:{args.http_port}"
-    print(f"Starting Orthanc with orthanc-ai on {base_url} (DICOM port {args.dicom_port});"
-          f" log: {log_path}")
-    with open(log_path, "ab") as log_file:
-        proc = subprocess.Popen(argv, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    data.mkdir(parents=True, exist_ok=True)
+    base = load_orthanc_json(Path(args.config))
+    pacs = DemoPacs(data / "demo-pacs", ORTHANC, str(base.get("DicomAet", "ORTHANC")),
+                    args.dicom_port)
+    print(f"Starting the demo PACS ({AET}, DICOM port {pacs.dicom_port}) with earlier "
+          "studies of two demo patients ...")
+    pacs.start()
+    proc: subprocess.Popen | None = None
     try:
-        wait_for_orthanc(base_url, proc)
-        dx = write_demo_studies(data / "demo-dicom", n_patients=args.patients, seed=args.seed)
-        ct = write_demo_ct_study(data / "demo-ct", seed=args.seed) if args.ct else []
-        print(f"Sending {len(dx)} synthetic DX images and a {len(ct)}-slice head CT over"
-              " C-STORE (storescu) ...")
-        for files in (dx, ct):
-            if files:
-                subprocess.run(
-                    [STORESCU, "-aet", "DEMO_MODALITY", "-aec", "ORTHANC", "127.0.0.1",
-                     str(args.dicom_port), *map(str, files)],
-                    check=True,
-                )
-        instance_ids = [_lookup(base_url, f) for f in dx]
-        series_ids = sorted({_get(f"{base_url}/instances/{_lookup(base_url, f)}")["ParentSeries"]
-                             for f in ct[:1]})
-        if ct:
-            print("Waiting for the CT series to become stable (StableAge) ...")
-        jobs = wait_for_jobs(base_url, instance_ids, series_ids, timeout=args.timeout)
-        print_table(base_url, jobs)
-        if args.exit:
-            return 0
-        print(f"\nOrthanc keeps serving on {base_url} (Orthanc Explorer: "
-              f"{base_url}/app/explorer.html). Ctrl-C stops it.")
-        proc.wait()
-        return proc.returncode or 0
+        for prior in write_demo_priors(data / "demo-priors", seed=args.seed):
+            pacs.upload(prior)
+        config = data / "demo-configuration.json"
+        config.write_text(json.dumps(demo_configuration(base, pacs), indent=2))
+        args.config = str(config)
+        argv, env = prepare(args)
+        log_path = data / "orthanc.log"
+        base_url = f"http://127.0.0.1:{args.http_port}"
+        print(f"Starting Orthanc with orthanc-ai on {base_url} (DICOM port {args.dicom_port});"
+              f" log: {log_path}")
+        with open(log_path, "ab") as log_file:
+            proc = subprocess.Popen(argv, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        return _demo(args, data, base_url, proc)
     except KeyboardInterrupt:
         return 0
     finally:
-        if proc.poll() is None:
+        if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        pacs.stop()
+
+
+def _demo(args: argparse.Namespace, data: Path, base_url: str, proc: subprocess.Popen) -> int:
+    """Send the demo studies, print what the AI found, compared and forwarded."""
+    from training.synthetic.ct import write_demo_ct_study
+    from training.synthetic.dx import write_demo_studies
+
+    wait_for_orthanc(base_url, proc)
+    dx = write_demo_studies(data / "demo-dicom", n_patients=args.patients, seed=args.seed)
+    ct = write_demo_ct_study(data / "demo-ct", seed=args.seed) if args.ct else []
+    print(f"Sending {len(dx)} synthetic DX images and a {len(ct)}-slice head CT over"
+          " C-STORE (storescu) ...")
+    for files in (dx, ct):
+        if files:
+            subprocess.run(
+                [STORESCU, "-aet", "DEMO_MODALITY", "-aec", "ORTHANC", "127.0.0.1",
+                 str(args.dicom_port), *map(str, files)],
+                check=True,
+            )
+    instance_ids = [_lookup(base_url, f) for f in dx]
+    series_ids = sorted({_get(f"{base_url}/instances/{_lookup(base_url, f)}")["ParentSeries"]
+                         for f in ct[:1]})
+    if ct:
+        print("Waiting for the CT series to become stable (StableAge) ...")
+    jobs = wait_for_jobs(base_url, instance_ids, series_ids, timeout=args.timeout)
+    print_table(base_url, jobs)
+    print_comparisons(base_url, jobs)
+    print_deliveries(base_url, jobs, timeout=120)
+    if args.exit:
+        return 0
+    print(f"\nOrthanc keeps serving on {base_url} (Orthanc Explorer: "
+          f"{base_url}/app/explorer.html). Ctrl-C stops it.")
+    proc.wait()
+    return proc.returncode or 0
 
 
 def _lookup(base_url: str, path: Path) -> str:
@@ -267,6 +291,42 @@ def print_table(base_url: str, jobs: list[dict]) -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for line in [header, tuple("-" * w for w in widths), *rows]:
         print("  ".join(str(v).ljust(w) for v, w in zip(line, widths, strict=True)))
+
+
+def print_comparisons(base_url: str, jobs: list[dict]) -> None:
+    """The interval change of each result compared with a prior fetched from the PACS."""
+    print("\nComparison with prior studies (AI.Priors):")
+    for job in jobs:
+        cmp = (job.get("result") or {}).get("comparison") or {}
+        if cmp.get("state") != "compared":
+            continue
+        study = _get(f"{base_url}/studies/{job['study']}")
+        name = study.get("PatientMainDicomTags", {}).get("PatientName", "")
+        print(f"  {name}: {job['result']['finding']} {cmp['text']}; prior from "
+              f"{cmp['prior_source']}, its SR {cmp.get('prior_sr') or '-'}")
+    others = sorted({((j.get("result") or {}).get("comparison") or {}).get("reason", "")
+                     for j in jobs} - {""})
+    for reason in others:
+        print(f"  other studies: {reason}")
+
+
+def print_deliveries(base_url: str, jobs: list[dict], timeout: float) -> None:
+    """How the SRs were forwarded (AI.Forward), once every delivery has settled."""
+    srs = {(j.get("result") or {}).get("sr_instance") for j in jobs} - {None}
+    deadline = time.time() + timeout
+    while True:
+        mine = [d for d in _get(f"{base_url}/ai/deliveries?limit=10000")
+                if d["sr_instance"] in srs]
+        if all(d["state"] in ("done", "dead") or (d["state"] == "failed" and not
+                                                    d["next_attempt"]) for d in mine) \
+                or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    by: dict[tuple[str, str], int] = {}
+    for d in mine:
+        by[(d["destination"], d["state"])] = by.get((d["destination"], d["state"]), 0) + 1
+    print("\nSRs forwarded by C-STORE (AI.Forward): " + (", ".join(
+        f"{n} {state} to {dest}" for (dest, state), n in sorted(by.items())) or "none"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,7 +74,10 @@ class Comparison:
         """One line a radiologist reads: "new since 2024-03-01 (probability 0.12 -> 0.81)"."""
         date = self.prior_study_date
         when = f"{date[:4]}-{date[4:6]}-{date[6:8]}" if len(date) == 8 else "the prior study"
-        text = (f"{self.change.value} since {when} (probability "
+        what = self.change.value
+        if self.change == Change.UNCHANGED:
+            what += " (present in both)" if self.prior.positive else " (absent in both)"
+        text = (f"{what} since {when} (probability "
                 f"{self.prior.probability:.2f} -> "
                 f"{self.prior.probability + self.probability_difference:.2f}")
         if self.volume_difference_ml is not None:

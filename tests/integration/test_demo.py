@@ -21,4 +21,8 @@ def test_demo_prints_a_finding_for_every_demo_image(tmp_path):
         assert "Fracture" in row or "Hemorrhage" in row  # PRESENT or absent
         assert "2.25." in row  # the SR's SOP Instance UID
     assert any("Hemorrhage" in row and " mL" in row for row in rows)  # the volume
+    # Two demo patients have a prior on the demo PACS: fetched by C-MOVE, compared.
+    compared = [line for line in proc.stdout.splitlines() if " since 20" in line]
+    assert len(compared) >= 2 and all("prior from DEMO_PACS" in line for line in compared)
+    assert "done to DEMO_PACS" in proc.stdout  # every SR forwarded
     assert not list(tmp_path.glob("demo/orthanc-db/*.lock"))

@@ -86,6 +86,8 @@ def test_compare_without_volumes_or_date():
     assert comparison.prior_sr is None
     assert comparison.probability_difference == pytest.approx(-0.78)
     assert comparison.describe() == "resolved since the prior study (probability 0.90 -> 0.12)"
+    absent = compare(_now(0.1), _prior(0.2), prior_study_uid="1.2.3", prior_study_date="20240301")
+    assert absent.describe().startswith("unchanged (absent in both) since 2024-03-01")
     one_volume = compare(_now(0.9, 3.0), _prior(0.9), prior_study_uid="1.2.3",
                          prior_study_date="20240301")
     assert one_volume.volume_difference_ml is None

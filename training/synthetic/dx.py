@@ -329,3 +329,45 @@ def write_demo_studies(out_dir: Path, *, n_patients: int = 4, seed: int = 202612
             ds.save_as(path, enforce_file_format=True)
             written.append(path)
     return written
+
+
+def write_demo_priors(out_dir: Path, *, seed: int = 20261201,
+                      cases: tuple[tuple[int, bool], ...] = ((1, True), (2, False))
+                      ) -> list[Path]:
+    """Earlier studies (400 days before) of demo patients, for the demo's PACS.
+
+    ``cases`` pairs a demo patient's index with whether its prior shows the
+    fracture: by default PHANTOM^ADULT's fracture was already there (a
+    chronic finding: no new alert) and PHANTOM^ELDERLY's is new. One view
+    each; the same patient ID, name, sex and birth date as the current study.
+    """
+    out_dir = Path(out_dir)
+    written: list[Path] = []
+    base = dt.date(2026, 1, 12)
+    for p, fracture in cases:
+        name, sex, age, part, _, side, views = _DEMO_PATIENTS[p]
+        current_day = base + dt.timedelta(days=3 * p)
+        birth = current_day - dt.timedelta(days=round(age * 365.25) + 17)
+        day = current_day - dt.timedelta(days=400)
+        rng = np.random.default_rng([seed, p, 1])
+        case = sample_case(rng, fracture=fracture, spacing_choices=EVAL_SPACINGS,
+                           field_range_mm=(200.0, 280.0),
+                           monochrome1_fraction=1.0 if p % 2 else 0.0,
+                           age_years=age - 400 / 365.25, sex=sex)
+        case = replace(case, body_part=part)
+        ds = dx_dataset(
+            render(case, np.random.default_rng([seed, p, 1, 0])),
+            patient_id=f"SYN{seed % 10000:04d}{p + 1:02d}", patient_name=name,
+            patient_sex=sex, patient_age_years=age - 400 / 365.25,
+            birth_date=birth.strftime("%Y%m%d"),
+            study_uid=_uid(seed, p, "prior-study"), series_uid=_uid(seed, p, "prior-series"),
+            sop_uid=_uid(seed, p, "prior-instance"), study_date=day.strftime("%Y%m%d"),
+            study_time=f"{9 + p:02d}0000", accession_number=f"ACC{seed % 10000:04d}{p + 1:03d}P",
+            body_part=part, view_position=views[0], laterality=side,
+            study_description=f"XR {part.lower()} {side}",
+        )
+        path = out_dir / f"{ds.PatientID}-prior.dcm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+        written.append(path)
+    return written
