@@ -37,7 +37,7 @@ class WorkerMetrics:
             registry=reg)
 
 
-def render(folder: Path, counts: Callable[[], dict[str, int]], inbox: Callable[[], int],
+def render(folder: Path, counts: Callable[..., dict[str, int]], inbox: Callable[[], int],
            workers: Callable[[], dict[str, int]]) -> bytes:
     """The text exposition of the workers' counts and the store's gauges."""
     from prometheus_client import CollectorRegistry, generate_latest
@@ -52,6 +52,13 @@ def render(folder: Path, counts: Callable[[], dict[str, int]], inbox: Callable[[
             for state, n in by_state.items():
                 jobs.add_metric([state], n)
             yield jobs
+            others = GaugeMetricFamily(
+                "orthanc_ai_jobs_of_kind", "Prior searches (priors), deliveries (forward) and "
+                "fetched priors kept (retention), by state", labels=["kind", "state"])
+            for kind in ("priors", "forward", "retention"):
+                for state, n in counts(kind=kind).items():
+                    others.add_metric([kind, state], n)
+            yield others
             yield GaugeMetricFamily(
                 "orthanc_ai_queue_depth", "Inbox rows not yet triaged, plus queued and "
                 "running jobs", value=by_state.get("queued", 0) + by_state.get("running", 0)
