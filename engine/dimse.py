@@ -1,12 +1,17 @@
-"""The DICOM network port: C-FIND, C-MOVE, C-GET and C-STORE through Orthanc's own client.
+"""The DICOM network port: C-FIND, C-MOVE and C-STORE through Orthanc's own client; C-GET.
 
 Orthanc already is the hospital's DICOM application: its ``DicomModalities``
 name the peers (AE title, host, port, what they allow), its AE title is the
 one the PACS knows, and what a C-MOVE brings arrives through its own
 C-STORE server. So the worker asks Orthanc (``/modalities/{peer}/query``,
-``/move``, ``/get``, ``/store`` over loopback) instead of opening
-associations of its own with pynetdicom: one configuration, one AE title,
-every association in Orthanc's log, and the same on every node.
+``/move``, ``/store`` over loopback) instead of opening associations of its
+own: one configuration, one AE title, every association in Orthanc's log,
+and the same on every node.
+
+C-GET is the exception: Orthanc 1.10 (Debian 12) has no C-GET client, so
+:mod:`engine.dicom_get` opens that association with pynetdicom, from the
+same ``DicomModalities`` entry and with Orthanc's AE title, and posts each
+instance it receives to Orthanc.
 
 Every failure is a :class:`PeerError` (transient: the job retries with
 back-off) whose reason names the peer and Orthanc's message, never a query
@@ -16,6 +21,7 @@ value (patient data).
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from inference.errors import TransientError
@@ -39,8 +45,12 @@ def _reason(status: int, body: Any) -> str:
 
 
 class OrthancDimse:
-    def __init__(self, source: OrthancSource) -> None:
+    def __init__(self, source: OrthancSource,
+                 configuration: Mapping[str, Any] | None = None) -> None:
         self.source = source
+        # Orthanc's configuration (the worker's boot JSON): DicomModalities and
+        # DicomAet, for the C-GET association the worker opens itself.
+        self.configuration: Mapping[str, Any] = configuration or {}
         self._aet: str | None = None
 
     def own_aet(self) -> str:
@@ -86,13 +96,14 @@ class OrthancDimse:
 
     def retrieve_study(self, peer: str, study_uid: str, method: str, timeout: float) -> None:
         """C-MOVE the study to our own AE (or C-GET it); returns when it is stored."""
-        body: dict[str, Any] = {"Level": "Study", "Resources": [{"StudyInstanceUID": study_uid}],
-                                "Asynchronous": True}
         if method == "C-GET":
-            path, what = f"/modalities/{peer}/get", "C-GET from"
-        else:
-            path, what = f"/modalities/{peer}/move", "C-MOVE from"
-            body["TargetAet"] = self.own_aet()
+            from .dicom_get import get_study  # pynetdicom: only where a source needs it
+
+            get_study(self.configuration, peer, study_uid, self.source.store, timeout)
+            return
+        body: dict[str, Any] = {"Level": "Study", "Resources": [{"StudyInstanceUID": study_uid}],
+                                "Asynchronous": True, "TargetAet": self.own_aet()}
+        path, what = f"/modalities/{peer}/move", "C-MOVE from"
         started = self._post(peer, what, path, body, timeout)
         job = started.get("ID") if isinstance(started, dict) else None
         if not job:  # an Orthanc that ran it synchronously: it is over

@@ -324,8 +324,9 @@ def retrieve(ctx: Context, dimse: OrthancDimse, c: StudyFacts, for_study: str,
     ids = [f["ID"] for f in found if f.get("Type") == "Study"] \
         if status == 200 and isinstance(found, list) else []
     if not ids:
-        raise PeerError(f"the {method} from {c.source} ended but brought no instance "
-                        f"(does {c.source} know our AE title {dimse.own_aet()}?)")
+        hint = f" (does {c.source} know our AE title {dimse.own_aet()} as a move " \
+            "destination?)" if method == "C-MOVE" else ""
+        raise PeerError(f"the {method} from {c.source} ended but brought no instance{hint}")
     if ids[0] != expected:
         mark_prior(ctx, ids[0], c.source, for_study)
     return ids[0]

@@ -331,7 +331,8 @@ def build_context(boot: dict[str, Any]) -> Context:
         backend = InProcessBackend(intra_op_threads=ai.tensorflow_threads)
     ctx = Context(config=ai, source=source, store=store, backend=backend, registry=registry,
                   router=router, sinks=[], metrics=WorkerMetrics(),
-                  owner=f"{boot['node']}/{os.getpid()}", dimse=OrthancDimse(source))
+                  owner=f"{boot['node']}/{os.getpid()}",
+                  dimse=OrthancDimse(source, boot["configuration"]))
     ctx.sinks = [OrthancStoreSink(source, store), DicomForwardSink(ctx)]
     return ctx
 

@@ -1,9 +1,11 @@
 """Priors by C-FIND/C-MOVE, interval change in the SR, and forwarding, against real peers.
 
-One orthanc-ai node and three PACS on loopback: a plain Orthanc ("PACS",
-also the forwarding destination), dcmtk's dcmqrscp ("DCMQR"), and a second
+One orthanc-ai node and four PACS on loopback: a plain Orthanc ("PACS",
+also the forwarding destination), dcmtk's dcmqrscp ("DCMQR"), a second
 dcmqrscp that does not know our AE title, so that its C-MOVEs fail
-("BADMOVE"). Each scenario is its own patient.
+("BADMOVE"), and a third that does not know us either but is retrieved
+from by C-GET ("GETPACS": the images come back on our own association).
+Each scenario is its own patient.
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ def net(tmp_path_factory):
     pacs = OrthancPacs(tmp / "pacs", "PACS")
     dcmqr = DcmqrscpPacs(tmp / "dcmqr", "DCMQR")
     badmove = DcmqrscpPacs(tmp / "badmove", "BADMOVE", known={})  # moves fail (0xA801)
+    getpacs = DcmqrscpPacs(tmp / "getpacs", "GETPACS", known={})  # C-GET needs no HostTable
     config = write_config(tmp / "ai.json", Priors={
-        "Sources": ["PACS", "DCMQR", "BADMOVE"], "MaxAgeDays": 3650, "MaxPriors": 1,
+        "Sources": ["PACS", "DCMQR", "BADMOVE", "GETPACS"], "MaxAgeDays": 3650, "MaxPriors": 1,
+        "RetrieveMethod": {"GETPACS": "C-GET"},
         "DeadlineSeconds": 30, "RetryBackoffSeconds": 1, "MaxBackoffSeconds": 3,
         "MaxAttempts": 10, "RetentionHours": 24,
     }, Forward={"Destinations": ["PACS"], "RetryBackoffSeconds": 1, "MaxBackoffSeconds": 2})
@@ -43,6 +47,7 @@ def net(tmp_path_factory):
     data["DicomModalities"] = {
         p.aet: {"AET": p.aet, "Host": "127.0.0.1", "Port": p.peer[2]}
         for p in (pacs, dcmqr, badmove)}
+    data["DicomModalities"]["GETPACS"] = list(getpacs.peer)  # Orthanc's list form
     config.write_text(json.dumps(data))
     me = ("ORTHANC", "127.0.0.1", ai.dicom_port)
     pacs.known = {"ORTHANC": me}
@@ -53,9 +58,10 @@ def net(tmp_path_factory):
         "issuer": ("P-ISSUER", dcmqr, {"issuer": "HOSP_B"}),
         "movefail": ("P-MOVEFAIL", badmove, {}),
         "down": ("P-DOWN", pacs, {}),
+        "get": ("P-GET", getpacs, {}),
     }
     try:
-        for node in (pacs, dcmqr, badmove):
+        for node in (pacs, dcmqr, badmove, getpacs):
             node.start()
         for name, (patient, where, kw) in priors.items():
             ds = patient_study_dx(patient, "20240110", fracture=False, accession=f"PRI-{name}",
@@ -67,10 +73,10 @@ def net(tmp_path_factory):
             else:
                 where.load([path])
         ai.start()
-        yield {"ai": ai, "pacs": pacs, "dcmqr": dcmqr, "tmp": tmp}
+        yield {"ai": ai, "pacs": pacs, "dcmqr": dcmqr, "getpacs": getpacs, "tmp": tmp}
     finally:
         ai.stop()
-        stop_all((pacs, dcmqr, badmove))
+        stop_all((pacs, dcmqr, badmove, getpacs))
 
 
 def send_current(net: dict[str, Any], patient: str, **kw: Any) -> str:
@@ -184,6 +190,18 @@ def test_prior_on_the_pacs_is_fetched_compared_and_the_sr_forwarded(net):
 def test_prior_only_on_the_second_pacs(net):
     job = analysis(net["ai"], send_current(net, "P-DCMQR"))
     check_compared(net["ai"], job, "DCMQR", net["tmp"])
+
+
+def test_prior_fetched_by_c_get_from_a_pacs_that_does_not_know_us(net):
+    ai = net["ai"]
+    job = analysis(ai, send_current(net, "P-GET"))
+    check_compared(ai, job, "GETPACS", net["tmp"])
+    priors_job = ai.jobs(kind="priors", study=job["study"])[0]
+    found = priors_job["result"]["priors"]
+    assert [(p["source"], p["retrieved"]) for p in found] == [("GETPACS", True)]
+    # The C-GET's association, not a C-MOVE to us: GETPACS knows no AE to move to.
+    log = net["getpacs"].log_path.read_text(errors="replace")
+    assert "C-GET RQ" in log and "C-MOVE RQ" not in log
 
 
 def test_a_local_prior_is_used_where_it_is(net):
