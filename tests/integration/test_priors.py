@@ -41,7 +41,8 @@ def net(tmp_path_factory):
         "RetrieveMethod": {"GETPACS": "C-GET"},
         "DeadlineSeconds": 30, "RetryBackoffSeconds": 1, "MaxBackoffSeconds": 3,
         "MaxAttempts": 10, "RetentionHours": 24,
-    }, Forward={"Destinations": ["PACS"], "RetryBackoffSeconds": 1, "MaxBackoffSeconds": 2})
+    }, Forward={"Destinations": ["PACS"], "RetryBackoffSeconds": 1, "MaxBackoffSeconds": 2},
+        StableAge=3)
     ai = OrthancAI(tmp / "ai", config=config)
     data = json.loads(config.read_text())
     data["DicomModalities"] = {
@@ -72,11 +73,31 @@ def net(tmp_path_factory):
                 where.upload(path.read_bytes())
             else:
                 where.load([path])
+        for path in head_ct(tmp / "ct-prior", seed=31, prior_of="P-CT"):
+            pacs.upload(path.read_bytes())
         ai.start()
         yield {"ai": ai, "pacs": pacs, "dcmqr": dcmqr, "getpacs": getpacs, "tmp": tmp}
     finally:
         ai.stop()
         stop_all((pacs, dcmqr, badmove, getpacs))
+
+
+def head_ct(folder: Path, *, seed: int, prior_of: str | None = None) -> list[Path]:
+    """The demo head CT (a haematoma); as a prior: patient P-CT, 2024, its own UIDs."""
+    from inference.uids import derived_uid
+    from training.synthetic.ct import write_demo_ct_study
+
+    paths = write_demo_ct_study(folder, seed=seed)
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.PatientID = "P-CT"
+        if prior_of is not None:
+            ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20240110"
+            for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+                setattr(ds, keyword, derived_uid("ct-prior", str(ds[keyword].value)))
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(path, enforce_file_format=True)
+    return paths
 
 
 def send_current(net: dict[str, Any], patient: str, **kw: Any) -> str:
@@ -273,3 +294,32 @@ def test_pacs_down_then_back_revised_sr_and_each_sr_delivered_once(net):
         assert deliveries(ai, sr_instance)[0]["attempts"] == attempts  # never sent again
     assert pacs.find_sop(job["result"]["sr_sop_instance_uid"])
     assert pacs.find_sop(revised["result"]["sr_sop_instance_uid"])
+
+
+def test_a_head_ct_is_compared_with_its_prior_volume(net):
+    ai = net["ai"]
+    paths = head_ct(net["tmp"] / "ct-current", seed=20261202)
+    ai.storescu(paths)
+    series = ai.get(f"/instances/{ai.lookup(str(pydicom.dcmread(paths[0]).SOPInstanceUID))}"
+                    )["ParentSeries"]
+    job = wait(lambda: next((j for j in ai.jobs(series=series) if j["level"] == "series"
+                             and j["state"] in ("done", "failed", "dead")), None),
+               timeout=180, what="the series job")
+    assert job["state"] == "done", job
+    cmp = job["result"]["comparison"]
+    assert cmp["state"] == "compared" and cmp["prior_source"] == "PACS", \
+        json.dumps(ai.jobs(kind="priors", study=job["study"]))
+    result = job["result"]
+    prior = PriorFinding(cmp["prior_probability"], result["threshold"], cmp["prior_volume_ml"])
+    assert cmp["change"] == change(Finding(result["probability"], result["threshold"], None,
+                                           result["volume_ml"]), prior).value
+    item = qualitative_difference(sr_of(ai, job))
+    assert item is not None
+    children = {c.ConceptNameCodeSequence[0].CodeValue: c for c in item.ContentSequence}
+    if result["volume_ml"] is not None and cmp["prior_volume_ml"] is not None:
+        assert cmp["volume_difference_ml"] == pytest.approx(
+            result["volume_ml"] - cmp["prior_volume_ml"], abs=1e-3)
+        num = children["129806009"].MeasuredValueSequence[0]
+        assert float(num.NumericValue) == pytest.approx(cmp["volume_difference_ml"], abs=1e-3)
+    prior_jobs = [j for j in ai.jobs(study=cmp["prior_study"]) if j["level"] == "series"]
+    assert len(prior_jobs) == 1 and prior_jobs[0]["state"] == "done"  # analysed once
