@@ -323,3 +323,22 @@ def test_a_head_ct_is_compared_with_its_prior_volume(net):
         assert float(num.NumericValue) == pytest.approx(cmp["volume_difference_ml"], abs=1e-3)
     prior_jobs = [j for j in ai.jobs(study=cmp["prior_study"]) if j["level"] == "series"]
     assert len(prior_jobs) == 1 and prior_jobs[0]["state"] == "done"  # analysed once
+
+
+def test_a_delivery_survives_kill_9_while_the_destination_is_down(net):
+    """Last in the module: it kills and restarts the orthanc-ai node."""
+    ai, pacs = net["ai"], net["pacs"]
+    pacs.stop()
+    try:
+        job = analysis(ai, send_current(net, "P-RESTART"))
+        sr = job["result"]["sr_instance"]
+        wait(lambda: any(d["state"] == "failed" for d in deliveries(ai, sr)),
+             what="a failed delivery")
+        ai.kill()  # kill -9: Orthanc and, with their stdin closed, its workers
+        ai.start()
+    finally:
+        pacs.start()
+    done = wait(lambda: [d for d in deliveries(ai, sr) if d["state"] == "done"], timeout=90,
+                what="the delivery after the restart")
+    assert len(deliveries(ai, sr)) == 1 and done[0]["attempts"] >= 2
+    assert pacs.find_sop(job["result"]["sr_sop_instance_uid"])

@@ -125,3 +125,28 @@ def test_a_prior_itself_gets_no_comparison(ctx):
     assert priors.is_prior(ctx, "PRI") and not priors.is_prior(ctx, "CUR")
     got = priors.comparison_for(ctx, "PRI", CARD, Finding(0.9, 0.5, None))
     assert got.comparison is None and got.info == {"state": "prior"}
+
+
+def test_a_fetched_prior_is_deleted_when_its_retention_is_due(ctx):
+    from engine.ledger import Ledger
+
+    deleted = []
+    ctx.source = SimpleNamespace(delete=deleted.append)
+    ctx.ledger = Ledger(ctx.store, SimpleNamespace(finished=SimpleNamespace(
+        labels=lambda *_: SimpleNamespace(inc=lambda: None))), ctx.config, "n/1", time.time)
+    ctx.config = parse_ai_section({"Priors": {"Sources": ["PACS"], "RetentionHours": 1}})
+    priors.mark_prior(ctx, "PRI", "PACS", "CUR")
+    job = ctx.store.by_key("retention:PRI")
+    assert job.state == "queued" and job.not_before == pytest.approx(time.time() + 3600, abs=5)
+    assert ctx.store.claim_next("n/1", 30, 3) is None  # not due yet
+    priors.mark_prior(ctx, "PRI", "PACS", "CUR2")  # used again later: kept longer
+    assert ctx.store.by_key("retention:PRI").not_before >= job.not_before
+    ctx.store.requeue(job.id, not_before=time.time() - 1)  # the hour has passed
+    due = ctx.store.claim_next("n/1", 30, 3)
+    assert due.id == job.id
+    priors.run_retention(ctx, due)
+    assert deleted == ["/studies/PRI"]
+    assert ctx.store.get(job.id).state == "done" and priors.is_prior(ctx, "PRI")
+    ctx.config = parse_ai_section({"Priors": {"Sources": ["PACS"], "RetentionHours": 0}})
+    priors.mark_prior(ctx, "KEEP", "PACS", "CUR")
+    assert ctx.store.by_key("retention:KEEP").state == "done"  # marked, never removed
