@@ -152,20 +152,10 @@ class Worker:
         ctx = self.ctx
         instances = ctx.source.get_json(f"/studies/{study}/instances")
         claimed: list[tuple[Any, Any]] = []
-        for decide in ([lambda i=i: self.triage.instance(i["ID"], time.time(), force=True)
-                        for i in instances]
-                       + [lambda s=s: self.triage.series(s)
-                          for s in sorted({i["ParentSeries"] for i in instances})]):
-            try:
-                decision = decide()
-            except TransientError:
-                raise
-            for spec in decision.jobs:
-                job = ctx.ledger.record(spec)
-                if job is not None and spec.state == JobState.QUEUED:
-                    mine = ctx.ledger.claim(job)
-                    if mine is not None:
-                        claimed.append((mine, decision.stored))
+        for i in instances:
+            claimed += self._record(self.triage.instance(i["ID"], time.time(), force=True))
+        for series in sorted({i["ParentSeries"] for i in instances}):
+            claimed += self._record(self.triage.series(series))
         instance_job.run(ctx, self.triage.series_cache,
                          [(j, s) for j, s in claimed if j.instance])
         for job, _ in claimed:
@@ -213,14 +203,19 @@ class Worker:
                 item, f"internal error in triage: {type(exc).__name__}"))
             ctx.store.ack_inbox([item.row], ctx.owner)
             return []
+        claimed = self._record(decision)
+        ctx.store.ack_inbox([item.row], ctx.owner)
+        return claimed
+
+    def _record(self, decision: Any) -> list[tuple[Any, Any]]:
+        """Create a decision's jobs; the queued ones, claimed, with the fetched instance."""
         claimed = []
         for spec in decision.jobs:
-            job = ctx.ledger.record(spec)
+            job = self.ctx.ledger.record(spec)
             if job is not None and spec.state == JobState.QUEUED:
-                mine = ctx.ledger.claim(job)
+                mine = self.ctx.ledger.claim(job)
                 if mine is not None:
                     claimed.append((mine, decision.stored))
-        ctx.store.ack_inbox([item.row], ctx.owner)
         return claimed
 
     # -- beside the loop -----------------------------------------------------

@@ -59,7 +59,48 @@ def _tail(path: Path, n: int) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
 
 
-class OrthancPacs:
+class _Node:
+    """A server process the tests start, stop (SIGTERM), kill (SIGKILL) and start again."""
+
+    aet: str
+    dicom_port: int
+    proc: subprocess.Popen | None
+    log_path: Path
+    stop_timeout = 30.0
+
+    @property
+    def peer(self) -> Peer:
+        """``(aet, host, port)`` for other nodes' DicomModalities / HostTable."""
+        return (self.aet, "127.0.0.1", self.dicom_port)
+
+    def start(self) -> Any:
+        raise NotImplementedError
+
+    def stop(self, timeout: float | None = None) -> int:
+        code = _stop_process(self.proc, self.stop_timeout if timeout is None else timeout)
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        """``kill -9``: down at once (a SIGTERM stop takes Orthanc about 3 s)."""
+        _kill_process(self.proc)
+        self.proc = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, n: int = 40) -> str:
+        return _tail(self.log_path, n)
+
+    def __enter__(self) -> Any:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+class OrthancPacs(_Node):
     """A plain Orthanc (no plugins) acting as the hospital PACS, or as any DICOM node.
 
     ``known`` becomes its DicomModalities. ``config`` entries are merged into
@@ -79,10 +120,6 @@ class OrthancPacs:
         self.http = requests.Session()
         self.http.trust_env = False
 
-    @property
-    def peer(self) -> Peer:
-        """``(aet, host, port)`` for other nodes' DicomModalities / HostTable."""
-        return (self.aet, "127.0.0.1", self.dicom_port)
 
     @property
     def log_path(self) -> Path:
@@ -134,28 +171,10 @@ class OrthancPacs:
                 time.sleep(0.1)
         raise RuntimeError(f"Orthanc {self.aet} not ready in {timeout} s:\n{self.log_tail()}")
 
-    def stop(self, timeout: float = 30) -> int:
-        code = _stop_process(self.proc, timeout)
-        self.proc = None
-        return code
 
-    def kill(self) -> None:
-        """``kill -9``: down at once (a SIGTERM stop takes Orthanc about 3 s)."""
-        _kill_process(self.proc)
-        self.proc = None
 
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
-    def log_tail(self, n: int = 40) -> str:
-        return _tail(self.log_path, n)
 
-    def __enter__(self) -> OrthancPacs:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
 
     # -- HTTP ------------------------------------------------------------------
 
@@ -202,13 +221,15 @@ class OrthancPacs:
             time.sleep(0.1)
 
 
-class DcmqrscpPacs:
+class DcmqrscpPacs(_Node):
     """dcmtk's ``dcmqrscp`` as a second, different PACS (Q/R SCP with its own index).
 
     Only peers in ``known`` (its HostTable) can be C-MOVE destinations;
     ``known={}`` makes every C-MOVE fail with "Move Destination Unknown"
     (A801). Any peer may associate for C-FIND / C-STORE (Peers ``ANY``).
     """
+
+    stop_timeout = 10.0
 
     def __init__(self, data: Path, aet: str = "DCMQR", known: Mapping[str, Peer] | None = None,
                  *, options: Iterable[str] = ()) -> None:
@@ -219,9 +240,6 @@ class DcmqrscpPacs:
         self.dicom_port = free_port()
         self.proc: subprocess.Popen | None = None
 
-    @property
-    def peer(self) -> Peer:
-        return (self.aet, "127.0.0.1", self.dicom_port)
 
     @property
     def storage(self) -> Path:
@@ -274,19 +292,8 @@ class DcmqrscpPacs:
             time.sleep(0.05)
         raise RuntimeError(f"dcmqrscp not listening in {timeout} s:\n{self.log_tail()}")
 
-    def stop(self, timeout: float = 10) -> int:
-        code = _stop_process(self.proc, timeout)
-        self.proc = None
-        return code
 
-    def kill(self) -> None:
-        """``kill -9``: down at once."""
-        _kill_process(self.proc)
-        self.proc = None
 
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def echo(self, aet: str = "PROBE") -> bool:
         """C-ECHO (dcmtk's echoscu): True when it answers."""
@@ -295,14 +302,7 @@ class DcmqrscpPacs:
                            capture_output=True, timeout=20)
         return r.returncode == 0
 
-    def log_tail(self, n: int = 40) -> str:
-        return _tail(self.log_path, n)
 
-    def __enter__(self) -> DcmqrscpPacs:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
 
     # -- content ---------------------------------------------------------------
 
