@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
-
-from inference.backend import Batch
+from inference.backend import batch_of
 from inference.card import ModelCard
 from inference.errors import BadInput
 from inference.postprocess import Finding, to_finding
@@ -31,15 +29,6 @@ def card_for(ctx: Context, job: Job) -> ModelCard:
     if card is None or card.version != job.model_version:
         raise BadInput(f"model {job.model} {job.model_version} is not loaded")
     return card
-
-
-def _batch(card: ModelCard, inputs: Sequence[ModelInput]) -> Batch:
-    """Stack prepared radiographs into the card's input shape."""
-    images = np.stack([i.image.pixels for i in inputs])[..., None]
-    if card.image.shape[2] != 1:
-        images = np.repeat(images, card.image.shape[2], axis=-1)
-    features = np.stack([i.features for i in inputs]) if card.metadata else None
-    return Batch(images, features)
 
 
 def prepare(ctx: Context, card: ModelCard, stored: Stored) -> ModelInput:
@@ -67,7 +56,7 @@ def run(ctx: Context, cache: SeriesCache, pending: Sequence[tuple[Job, Stored | 
         card = ctx.registry.cards[model_id]
         try:
             with ctx.stage("infer"):
-                outputs = ctx.backend.predict(card, _batch(card, [i[2] for i in items]))
+                outputs = ctx.backend.predict(card, batch_of(card, [i[2] for i in items]))
         except Exception as exc:
             for job, _, _ in items:
                 with ctx.ledger.outcome(job):

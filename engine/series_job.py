@@ -14,13 +14,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pydicom
 
-from inference.backend import Batch, RawOutput
+from inference.backend import RawOutput, batch_of
 from inference.card import ModelCard
 from inference.errors import BadInput, JobOutcome, SkipInput
-from inference.postprocess import Finding, to_finding
 from inference.preprocess import Geometry, prepare_ct_slice
 from inference.report import sr_uids
 from inference.uids import derived_uid
@@ -28,9 +26,10 @@ from inference.volume import (
     OrderedSeries,
     SeriesAccumulator,
     SliceRef,
-    lesion_area_mm2,
     order_slices,
     parse_vector,
+    series_finding,
+    slice_area_mm2,
 )
 
 from .context import Context
@@ -84,8 +83,6 @@ def analyse(ctx: Context, job: Job, card: ModelCard) -> dict[str, Any]:
     rows, cols, _ = card.image.shape
     windows = card.image.windows or ((40.0, 80.0),)
     features = card.metadata.features if card.metadata else ()
-    level = card.volume_heatmap_threshold or 0.5
-    cell_mm2 = (card.heatmap_stride * card.image.pixel_spacing_mm) ** 2
     acc = SeriesAccumulator()
     bad: list[str] = []
     batch_size = max(1, ctx.config.batch_size)
@@ -111,12 +108,9 @@ def analyse(ctx: Context, job: Job, card: ModelCard) -> dict[str, Any]:
         if not chunk:
             continue
         with ctx.stage("infer"):
-            images = np.stack([p.image.pixels for p in prepared])
-            feats = np.stack([p.features for p in prepared]) if card.metadata else None
-            outputs = ctx.backend.predict(card, Batch(images, feats))
+            outputs = ctx.backend.predict(card, batch_of(card, prepared))
         for (index, ds), prep, raw in zip(chunk, prepared, outputs, strict=True):
-            area = lesion_area_mm2(raw.heatmap, level, cell_mm2) if raw.heatmap is not None \
-                else 0.0
+            area = slice_area_mm2(card, raw)
             if raw.probability > acc.best_probability:
                 ds.PixelData = b""  # the key slice's header is all the report needs
                 keep = KeySlice(ds, raw, prep.image.geometry, prep.missing_inputs)
@@ -126,15 +120,7 @@ def analyse(ctx: Context, job: Job, card: ModelCard) -> dict[str, Any]:
     if len(bad) > MAX_BAD_SLICE_FRACTION * len(ordered.slices) or acc.n == 0:
         raise BadInput(f"{len(bad)} of {len(ordered.slices)} slices unusable: {bad[0]}")
     key: KeySlice = acc.best  # type: ignore[assignment]
-    threshold = card.series_threshold or card.threshold
-    finding = to_finding(card, key.raw, key.geometry)
-    positive = acc.best_probability >= threshold
-    finding = Finding(
-        probability=float(np.clip(acc.best_probability, 0.0, 1.0)),
-        threshold=threshold,
-        region=finding.region if positive else None,
-        volume_ml=round(acc.volume_ml, 3) if positive else None,
-    )
+    finding = series_finding(card, acc, key.raw, key.geometry)
     notes = list(ordered.notes) + bad[:5]
     source_series_uid = str(key.header.SeriesInstanceUID)
     uids = (

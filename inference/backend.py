@@ -10,12 +10,16 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from .card import CardError, ModelCard
+
+if TYPE_CHECKING:
+    from .preprocess import ModelInput
 
 log = logging.getLogger("orthanc_ai")
 
@@ -24,6 +28,22 @@ log = logging.getLogger("orthanc_ai")
 class Batch:
     images: np.ndarray  # (n, rows, cols, channels) float32
     features: np.ndarray | None  # (n, k) float32, or None for image-only models
+
+
+def batch_of(card: ModelCard, inputs: Sequence[ModelInput]) -> Batch:
+    """Stack prepared inputs into one batch of the card's input shape.
+
+    Radiographs (``(rows, cols)`` pixels) get a channel axis, repeated to the
+    card's channel count; CT slices (``(rows, cols, windows)``) are stacked as
+    they are. Features are stacked where the card takes metadata.
+    """
+    images = np.stack([i.image.pixels for i in inputs])
+    if images.ndim == 3:
+        images = images[..., None]
+        if card.image.shape[2] != 1:
+            images = np.repeat(images, card.image.shape[2], axis=-1)
+    features = np.stack([i.features for i in inputs]) if card.metadata else None
+    return Batch(images, features)
 
 
 @dataclass(frozen=True)

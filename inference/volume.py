@@ -5,7 +5,9 @@ that memory stays bounded whatever its length: only per-slice numbers and
 the best slice so far are kept. The volume of a finding is the sum over
 slices of its area times the slab each slice stands for (half the distance
 to each neighbour), which stays right when slices are missing or unevenly
-spaced.
+spaced. :func:`slice_area_mm2` and :func:`series_finding` are the engine's
+aggregation (``engine/series_job.py``), pure functions that evaluation code
+shares.
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .backend import RawOutput
+from .card import ModelCard
 from .errors import BadInput, SkipInput
+from .postprocess import Finding, to_finding
+from .preprocess import Geometry
 
 
 @dataclass(frozen=True)
@@ -130,3 +136,37 @@ class SeriesAccumulator:
 def lesion_area_mm2(heatmap: np.ndarray, threshold: float, cell_area_mm2: float) -> float:
     """Area of heatmap cells at or above the threshold, in mm² of the patient."""
     return float(np.count_nonzero(heatmap >= threshold)) * cell_area_mm2
+
+
+def slice_area_mm2(card: ModelCard, raw: RawOutput) -> float:
+    """Lesion area of one slice's output: its heatmap at the card's volume level.
+
+    Cells at or above ``volume_heatmap_threshold`` (0.5 when unset), each
+    ``(heatmap_stride * pixel_spacing_mm)²`` mm²; 0 without a heatmap.
+    """
+    if raw.heatmap is None:
+        return 0.0
+    level = card.volume_heatmap_threshold or 0.5
+    cell_mm2 = (card.heatmap_stride * card.image.pixel_spacing_mm) ** 2
+    return lesion_area_mm2(raw.heatmap, level, cell_mm2)
+
+
+def series_finding(card: ModelCard, accumulator: SeriesAccumulator, key_raw: RawOutput,
+                   geometry: Geometry) -> Finding:
+    """The series' finding from its accumulated slices and its key (best) slice.
+
+    The probability is the best slice's (``accumulator.best_probability``),
+    compared with ``series_threshold`` (the card's threshold when unset);
+    where positive, the region is the key slice's (``key_raw`` located with
+    its ``geometry`` by :func:`inference.postprocess.to_finding`) and the
+    volume the accumulated one, in ml (3 decimals).
+    """
+    threshold = card.series_threshold or card.threshold
+    region = to_finding(card, key_raw, geometry).region
+    positive = accumulator.best_probability >= threshold
+    return Finding(
+        probability=float(np.clip(accumulator.best_probability, 0.0, 1.0)),
+        threshold=threshold,
+        region=region if positive else None,
+        volume_ml=round(accumulator.volume_ml, 3) if positive else None,
+    )

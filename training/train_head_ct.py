@@ -26,7 +26,10 @@ Outputs (both): ``probability`` (haemorrhage on this slice) and ``heatmap``
 Thresholds are chosen on validation data (slices for ``threshold``, whole
 validation series for ``series_threshold``), then both models are evaluated
 on fresh held-out series at scanner geometry and the card ``model.json``,
-``README.md`` and ``held_out_series.csv`` are written from that one run.
+``README.md`` and ``held_out_series.csv`` are written from that one run;
+then, as the card and README are new, the prior comparison on follow-up
+pairs (:func:`training.priors.refresh`: ``metrics.performance_with_priors``,
+its README section and ``followup_predictions.csv``) unless ``--no-priors``.
 The same seed gives the same weights and metrics (seeded data, batch order
 and initialisation; TensorFlow's deterministic ops).
 
@@ -564,6 +567,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--held-out-series", type=int, default=N_HELD_OUT_SERIES)
     parser.add_argument("--validation-series", type=int, default=N_VALIDATION_SERIES)
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--no-priors", action="store_true",
+                        help="skip the prior comparison (training.priors) at the end")
     args = parser.parse_args(argv)
     if args.seed == HELD_OUT_SEED:
         parser.error("the training seed must differ from the held-out seed")
@@ -707,6 +712,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_readme(out, card)
     summary = {k: result[k] for k in ("model", "ablation", "ablation_own_threshold")}
     print(json.dumps({"duration_s": round(duration, 1), **summary}, indent=2))
+    if not args.no_priors:
+        # The card and README were just rewritten: measure the prior comparison again.
+        from training import priors
+
+        card = {**card, "metrics": {**card["metrics"],
+                                    priors.CARD_KEY: priors.refresh(out, workers=args.workers)}}
     return card
 
 

@@ -14,7 +14,10 @@ augmentation. The held-out evaluation uses a different seed
 Writes into ``--out``: ``model.keras``, ``ablation_image_only.keras``,
 ``model.json`` (the model card, with measured metrics), ``README.md`` (the
 human model card), ``heldout_predictions.csv`` (per-case held-out results,
-so the card's numbers can be checked exactly) and ``training.log``.
+so the card's numbers can be checked exactly) and ``training.log``; then,
+as the card and README are new, the prior comparison on follow-up pairs
+(:func:`training.priors.refresh`: ``metrics.performance_with_priors``, its
+README section and ``followup_predictions.csv``) unless ``--no-priors``.
 """
 
 from __future__ import annotations
@@ -617,6 +620,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--workers", type=int, default=None, help="rendering processes")
+    parser.add_argument("--no-priors", action="store_true",
+                        help="skip the prior comparison (training.priors) at the end")
     args = parser.parse_args(argv)
     if args.eval_seed == args.seed:
         parser.error("--eval-seed must differ from --seed")
@@ -745,6 +750,11 @@ def main(argv: list[str] | None = None) -> int:
     log.info(
         "metadata benefit (AUROC): %+.4f; total %.0f s", metrics["metadata_benefit_auroc"], duration
     )
+    if not args.no_priors:
+        # The card and README were just rewritten: measure the prior comparison again.
+        from training import priors
+
+        priors.refresh(out, workers=args.workers)
     return 0
 
 

@@ -63,6 +63,93 @@ def test_generator_is_deterministic_from_the_seed() -> None:
     assert a.stored.shape != c.stored.shape or not np.array_equal(a.stored, c.stored)
 
 
+# render(case, rng) as it was before render() took the follow-up options
+# (finding_rng, acquisition_rng, fracture_drawn, healing, tilt_deg): a digest
+# of the stored values, truth box, window, details and the generator's next
+# draw, per (seed, fracture, spacings). Computed with the code of that time;
+# training reproducibility and the shipped model cards depend on these.
+RENDER_DIGESTS: dict[tuple[int, bool | None, str], str] = {
+    (1, True, "train"): "0fea41e208949c212477ac984e2fc686",  # physeal -> metaphysis, MONO1
+    (3, True, "train"): "ee2cdbf3fb5051a7757e85d6300b38d3",  # incomplete
+    (4, True, "train"): "4d72f4e00b3001c099b6875580282dd7",  # sclerotic, shaft
+    (7, True, "train"): "7d1c872de47c2a81f103cca7437f8036",  # sclerotic, metaphysis
+    (8, True, "train"): "e3fa1f7f538988a44dd89c9c68c535e2",  # physeal level
+    (19, True, "train"): "4f6acf3631d04c6dfb336de99df993eb",  # metaphysis, step-off
+    (24, True, "train"): "85316e0ffcbcb603503ad6942d96bf9a",  # shaft, step-off
+    (27, True, "train"): "1bca0dc02a886e736fb4fe1abd25d6e6",  # physeal level, step-off
+    (2, False, "train"): "55ebf6af2805981189938776bf09894c",  # no fracture, MONO1
+    (3, None, "train"): "c06a8a43d0bd8811b1396279d08d051b",
+    (1, True, "eval"): "66b1cffc93d8728b892a779126f89b30",  # detector pitch (blur path)
+    (4, True, "eval"): "5ba7751e056e4d5bc4c5711b0c968086",
+    (2, False, "eval"): "e94053af14738d652f2d9c3691854d56",
+}
+
+
+def _render_digest(seed: int, fracture: bool | None, spacings: str, **options) -> str:
+    import hashlib
+
+    rng = np.random.default_rng(seed)
+    case = sample_case(rng, fracture=fracture,
+                       spacing_choices=TRAIN_SPACINGS if spacings == "train" else EVAL_SPACINGS)
+    r = render(case, rng, **options)
+    h = hashlib.sha256()
+    h.update(r.stored.tobytes())
+    h.update(repr(r.stored.shape).encode())
+    h.update(repr((r.truth_box, r.window, r.spacing_mm, r.photometric)).encode())
+    h.update(repr(sorted((k, repr(v)) for k, v in r.details.items())).encode())
+    h.update(repr(int(rng.integers(2**62))).encode())  # the generator's state after render
+    return h.hexdigest()[:32]
+
+
+@pytest.mark.parametrize("key", list(RENDER_DIGESTS))
+def test_render_with_defaults_is_bit_identical_to_before(key) -> None:  # noqa: ANN001
+    assert _render_digest(*key) == RENDER_DIGESTS[key]
+    # The defaults spelled out.
+    assert _render_digest(*key, finding_rng=None, acquisition_rng=None, fracture_drawn=True,
+                          healing=None, tilt_deg=0.0) == RENDER_DIGESTS[key]
+
+
+def test_render_streams_and_options() -> None:
+    from training.synthetic.radiograph import Healing
+
+    rng = np.random.default_rng(27)
+    case = sample_case(rng, fracture=True, spacing_choices=TRAIN_SPACINGS)
+    state = rng.bit_generator.state
+
+    def again(**options):  # noqa: ANN202
+        rng.bit_generator.state = state
+        return render(case, rng, **options)
+
+    plain = again()
+    # Each stream drawn from its own generator: the others do not move.
+    a = again(finding_rng=np.random.default_rng(1), acquisition_rng=np.random.default_rng(2))
+    b = again(finding_rng=np.random.default_rng(1), acquisition_rng=np.random.default_rng(3))
+    assert a.details["structures"] == b.details["structures"]
+    assert a.truth_box == b.truth_box and not np.array_equal(a.stored, b.stored)
+    # Not drawn: every draw is made, so the rest of the image is the same.
+    absent = again(fracture_drawn=False)
+    assert absent.truth_box is None and "site" not in absent.details
+    assert absent.case is case and plain.truth_box is not None
+    # (The global processing and tone curve shift by a value or so everywhere.)
+    changed = np.abs(absent.stored.astype(int) - plain.stored.astype(int)) > 8
+    assert 0 < changed.mean() < 0.05
+    # Healing: fainter than acute, needs a drawn fracture.
+    healed = again(healing=Healing(contrast=0.3, width=0.4))
+    r0, c0, r1, c1 = (int(v) for v in plain.truth_box)
+    box = (slice(r0, r1 + 1), slice(c0, c1 + 1))
+
+    def trace(img):  # noqa: ANN001, ANN202
+        return np.abs(img.stored[box].astype(float) - absent.stored[box].astype(float)).sum()
+
+    assert 0 < trace(healed) < 0.8 * trace(plain)
+    with pytest.raises(ValueError, match="healing"):
+        again(fracture_drawn=False, healing=Healing(contrast=0.5))
+    with pytest.raises(ValueError, match="healing"):
+        Healing(contrast=0.0)
+    tilted = again(tilt_deg=2.0)
+    assert tilted.details["theta_deg"] == pytest.approx(plain.details["theta_deg"] + 2.0)
+
+
 def test_rendering_follows_the_case() -> None:
     case, r = _draw(5, fracture=True, spacing_choices=(0.15,))
     assert r.stored.dtype == np.uint16 and int(r.stored.max()) <= 4095

@@ -58,3 +58,32 @@ def test_volume_is_area_times_slab():
         acc.add(i, p, lesion_area_mm2(heat, 0.5, 16.0) if p > 0.5 else 0.0, 5.0, f"slice{i}")
     assert acc.volume_ml == pytest.approx(8.0)  # 1600 mm² x 5 mm
     assert acc.best_index == 1 and acc.best == "slice1"
+
+
+def test_series_finding_is_the_best_slice_at_the_series_threshold():
+    from dataclasses import replace
+    from pathlib import Path
+
+    from inference.backend import RawOutput
+    from inference.card import ModelCard
+    from inference.preprocess import Geometry
+    from inference.volume import series_finding, slice_area_mm2
+
+    card = ModelCard.from_folder(Path(__file__).resolve().parents[2] / "models"
+                                 / "head-ct-haemorrhage")
+    heat = np.zeros((64, 64), np.float32)
+    heat[:10, :10] = 0.9
+    cell = (card.heatmap_stride * card.image.pixel_spacing_mm) ** 2
+    assert slice_area_mm2(card, RawOutput(0.9, heat)) == pytest.approx(100 * cell)
+    assert slice_area_mm2(card, RawOutput(0.9, None)) == 0.0
+    geometry = Geometry(1.0, 1.0, 0.0, 0.0, 256, 256)
+    for p, positive in ((0.95, True), ((card.threshold + card.series_threshold) / 2, False)):
+        acc = SeriesAccumulator()
+        raw = RawOutput(p, heat)
+        acc.add(0, p, slice_area_mm2(card, raw), 5.0, None)
+        finding = series_finding(card, acc, raw, geometry)
+        assert finding.threshold == card.series_threshold and finding.positive is positive
+        assert (finding.region is not None) is positive
+        assert finding.volume_ml == (round(100 * cell * 5.0 / 1000, 3) if positive else None)
+    unset = replace(card, series_threshold=None)
+    assert series_finding(unset, acc, raw, geometry).threshold == card.threshold

@@ -45,13 +45,19 @@ What is modelled, and why
   window with jitter, and MONOCHROME1 (inverted) about 30 % of the time.
 
 Everything random is drawn from the ``numpy.random.Generator`` passed in, so a
-case is a pure function of the generator's state.
+case is a pure function of the generator's state. :func:`render` can also
+draw the fracture and the acquisition from generators of their own, leave a
+placed fracture out, draw it healing, or tilt the limb a little more: what
+follow-up studies of one patient need (:mod:`training.synthetic.followup`).
+With those options at their defaults, ``render(case, rng)`` makes exactly the
+draws it always made, in the same order, and the same pixels (training and
+the shipped model cards depend on that; ``tests/unit/test_synthetic.py``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from PIL import Image
@@ -193,6 +199,43 @@ class Rendered:
     truth_box: tuple[float, float, float, float] | None
     case: Case
     details: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Healing:
+    """How a healing fracture looks (:func:`render`'s ``healing``); the defaults: acute.
+
+    Attributes
+    ----------
+    contrast
+        Share (0-1] of the acute line's or band's contrast left.
+    callus
+        Strength [0-1] of a sclerotic callus band (1-3 mm wider than the
+        line) drawn along a healing lucent line; 0: none.
+    width
+        Share (0-1] of the acute width left (physeal-level lines).
+    """
+
+    contrast: float = 1.0
+    callus: float = 0.0
+    width: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (0.0 < self.contrast <= 1.0 and 0.0 <= self.callus <= 1.0
+                and 0.0 < self.width <= 1.0):
+            raise ValueError(f"healing outside its ranges: {self}")
+
+
+_ACUTE = Healing()
+
+
+@dataclass(frozen=True)
+class _Look:
+    """How :func:`render` draws the case's fracture: from which generator, whether, how."""
+
+    rng: np.random.Generator
+    drawn: bool = True
+    healing: Healing = _ACUTE
 
 
 # --------------------------------------------------------------------------
@@ -489,20 +532,64 @@ def _window_slices(region: np.ndarray, pad_px: int) -> tuple[slice, slice] | Non
     )
 
 
-def render(case: Case, rng: np.random.Generator) -> Rendered:
+def render(
+    case: Case,
+    rng: np.random.Generator,
+    *,
+    finding_rng: np.random.Generator | None = None,
+    acquisition_rng: np.random.Generator | None = None,
+    fracture_drawn: bool = True,
+    healing: Healing | None = None,
+    tilt_deg: float = 0.0,
+) -> Rendered:
     """Render ``case`` to 12-bit stored values.
+
+    With the keyword arguments at their defaults, everything is drawn from
+    ``rng``, and ``render(case, rng)`` is what it has always been: the same
+    draws, in the same order, and the same pixels. The keyword arguments
+    serve follow-up studies of one patient (:mod:`training.synthetic.followup`):
+    two renders of one case with generators seeded alike for the anatomy
+    (``rng``) and the fracture (``finding_rng``) show the same bones,
+    texture, soft tissue and look-alikes, and the same fracture where drawn.
 
     Parameters
     ----------
     case
         What to render (see :func:`sample_case`).
     rng
-        Source of the anatomy details, texture and noise.
+        Source of the anatomy: the limb's tilt, bones, texture, soft tissue,
+        physes, scars, growth-arrest lines and nutrient canals; and of
+        everything else unless given its own generator below.
+    finding_rng
+        Source of the fracture's draws: its place along the bone, step-off
+        direction, irregularity, depth and density. ``None``: ``rng``.
+    acquisition_rng
+        Source of the "for presentation" processing, the tone curve and
+        window, and the quantum noise. ``None``: ``rng``.
+    fracture_drawn
+        ``False`` places the case's fracture and makes all its draws (so the
+        other draws are those made with it drawn, bar the rare structure a
+        step-off would have moved out of its window) but leaves the image
+        without it: no line, no step-off, ``truth_box`` None, no
+        fracture structure and no ``site`` in ``details``. What the fracture
+        would replace stays left out (the physeal scar where a physeal-level
+        line goes).
+    healing
+        Draw the fracture healing (:class:`Healing`); ``None``: acute. Needs
+        a fracture (``case.fracture``) that is drawn.
+    tilt_deg
+        Added to the limb's drawn tilt on the detector (degrees).
 
     Returns
     -------
     Rendered
+        ``case`` is the case passed in, even where its fracture is not drawn.
     """
+    if healing is not None and not (case.fracture and fracture_drawn):
+        raise ValueError("healing needs a fracture that is drawn")
+    look = _Look(rng if finding_rng is None else finding_rng, bool(fracture_drawn),
+                 _ACUTE if healing is None else healing)
+    acquisition = rng if acquisition_rng is None else acquisition_rng
     spacing = case.spacing_mm
     height, width = case.field_mm
     out_shape = (max(round(height / spacing), 8), max(round(width / spacing), 8))
@@ -512,7 +599,7 @@ def render(case: Case, rng: np.random.Generator) -> Rendered:
     wy, wx = height / shape[0], width / shape[1]
     px = 0.5 * (wy + wx)
 
-    theta = math.radians(float(rng.uniform(-25.0, 25.0)))
+    theta = math.radians(float(rng.uniform(-25.0, 25.0)) + tilt_deg)
     ct, st = math.cos(theta), math.sin(theta)
     yy = ((np.arange(shape[0], dtype=np.float32) + 0.5) * wy - height / 2)[:, None]
     xx = ((np.arange(shape[1], dtype=np.float32) + 0.5) * wx - width / 2)[None, :]
@@ -522,8 +609,10 @@ def render(case: Case, rng: np.random.Generator) -> Rendered:
     bones, details = _place_bones(case, rng, height, width, theta)
     frac = None
     if case.fracture:
-        frac = _place_fracture(case, rng, bones, str(details["visible_end"]), height, width, theta)
-        details.update({"site": frac["site"], "fractured_bones": sorted(frac["u"])})
+        frac = _place_fracture(case, look.rng, bones, str(details["visible_end"]), height, width,
+                               theta)
+        if look.drawn:
+            details.update({"site": frac["site"], "fractured_bones": sorted(frac["u"])})
 
     # Trabecular texture on a fixed 0.5 mm grid (its pass band ends below
     # 1 cycle/mm), so that it is the same at every output spacing.
@@ -552,6 +641,7 @@ def render(case: Case, rng: np.random.Generator) -> Rendered:
         att, fmask, found = _render_bone(
             case,
             rng,
+            look,
             bone,
             u[win],
             v[win],
@@ -591,13 +681,13 @@ def render(case: Case, rng: np.random.Generator) -> Rendered:
     if spacing <= _WORK_MM:
         # Detector blur (~0.15 mm): a 1-2-1 kernel on the work grid.
         atten = _blur121(atten)
-    processed, sigma = _present(case, rng, atten, (wy, wx))
-    value, sigma, window = _tone_map(case, rng, processed, sigma)
+    processed, sigma = _present(case, acquisition, atten, (wy, wx))
+    value, sigma, window = _tone_map(case, acquisition, processed, sigma)
 
     # To the output grid, then per-pixel quantum noise.
     value = _resize(value, out_shape)
     sigma = _resize(sigma, out_shape)
-    value += sigma * rng.standard_normal(out_shape, dtype=np.float32)
+    value += sigma * acquisition.standard_normal(out_shape, dtype=np.float32)
     stored = np.clip(np.rint(value), 0, _MAX_STORED).astype(np.uint16)
     if case.photometric == "MONOCHROME1":
         # Inverted: white (bone) is the minimum stored value.
@@ -771,6 +861,7 @@ def _place_fracture(
 def _render_bone(
     case: Case,
     rng: np.random.Generator,
+    look: _Look,
     bone: _Bone,
     u: np.ndarray,
     v: np.ndarray,
@@ -787,9 +878,12 @@ def _render_bone(
     ``frac_u`` is where this bone is fractured (None: intact), at the level
     of the physis of ``physeal_end`` ("lo"/"hi") for physeal-level fractures.
     The structures are (kind, box) with boxes in window pixels (row0, col0,
-    row1, col1); kinds are listed in :data:`STRUCTURE_KINDS`.
+    row1, col1); kinds are listed in :data:`STRUCTURE_KINDS`. The anatomy
+    comes from ``rng``, the fracture from ``look`` (its generator; where
+    it is not drawn, its draws are made and its mask is None).
     """
     mu_cortex, mu_trab, tex_amp = mu
+    frng, healing = look.rng, look.healing
     centre = bone.centre(u)
     dv = v - centre
     s_frac = None
@@ -808,9 +902,10 @@ def _render_bone(
         s_frac = (u - uf) * math.cos(phi) - dv * math.sin(phi)
         if case.displacement_mm > 0:
             # Step-off: the distal fragment slides across the axis.
-            sign = 1.0 if rng.random() < 0.5 else -1.0
-            step = np.clip(s_frac / px + 0.5, 0.0, 1.0)
-            dv = dv - sign * case.displacement_mm * step
+            sign = 1.0 if frng.random() < 0.5 else -1.0
+            if look.drawn:
+                step = np.clip(s_frac / px + 0.5, 0.0, 1.0)
+                dv = dv - sign * case.displacement_mm * step
 
     d_lo = u - bone.u_lo
     d_hi = bone.u_hi - u
@@ -873,13 +968,15 @@ def _render_bone(
             medulla[win] += m * medulla_path[win] * mu_trab * rng.uniform(0.4, 1.0)
             note("physeal_scar", m, win)
         if physeal_end == end_name:
-            m = _band(d_w - pos - rng.uniform(-0.5, 1.0), case.fracture_gap_mm / 2, px)
-            keep = 1.0 - rng.uniform(0.75, 0.95) * m
-            medulla[win] *= keep
-            cortex[win] *= keep
-            fmask = np.zeros(u.shape, dtype=bool)
-            fmask[win] = (m > 0.3) & inside[win]
-            note("physeal_fracture", m, win)
+            m = _band(d_w - pos - frng.uniform(-0.5, 1.0),
+                      case.fracture_gap_mm * healing.width / 2, px)
+            keep = 1.0 - frng.uniform(0.75, 0.95) * healing.contrast * m
+            if look.drawn:
+                medulla[win] *= keep
+                cortex[win] *= keep
+                fmask = np.zeros(u.shape, dtype=bool)
+                fmask[win] = (m > 0.3) & inside[win]
+                note("physeal_fracture", m, win)
 
     # Growth-arrest lines: thin sclerotic lines in the medulla, parallel to the physis.
     for end_d in (d_lo, d_hi):
@@ -917,15 +1014,22 @@ def _render_bone(
             note("nutrient_canal", m, win)
 
     if s_frac is not None and physeal_end is None:
-        fmask = _apply_fracture(
-            case, rng, bone, u, dv, s_frac, inside, px, pad, medulla, cortex, medulla_path, mu_trab
-        )
-        if case.fracture_kind == "sclerotic":
-            kind = "sclerotic_fracture"
-        else:
-            kind = "incomplete_fracture" if case.fracture_incomplete else "fracture_line"
-        full = (slice(0, u.shape[0]), slice(0, u.shape[1]))
-        note(kind, fmask.astype(np.float32), full)
+        geometry = (bone, u, dv, s_frac, inside, px, pad, medulla, cortex, medulla_path, mu_trab)
+        line = _apply_fracture(case, frng, *geometry,
+                               strength=healing.contrast if look.drawn else 0.0)
+        if healing.callus > 0 and case.fracture_kind == "lucent":
+            # Callus: a sclerotic band along the healing line (its mask is not the line's).
+            band = case.fracture_gap_mm + float(frng.uniform(1.0, 3.0))
+            _apply_fracture(replace(case, fracture_kind="sclerotic", band_mm=band), frng,
+                            *geometry, strength=healing.callus)
+        if look.drawn:
+            fmask = line
+            if case.fracture_kind == "sclerotic":
+                kind = "sclerotic_fracture"
+            else:
+                kind = "incomplete_fracture" if case.fracture_incomplete else "fracture_line"
+            full = (slice(0, u.shape[0]), slice(0, u.shape[1]))
+            note(kind, fmask.astype(np.float32), full)
     return cortex + medulla, fmask, found
 
 
@@ -943,8 +1047,14 @@ def _apply_fracture(
     cortex: np.ndarray,
     medulla_path: np.ndarray,
     mu_trab: float,
+    *,
+    strength: float = 1.0,
 ) -> np.ndarray:
-    """Draw the fracture into ``medulla``/``cortex`` in place; return its mask (work grid)."""
+    """Draw the fracture into ``medulla``/``cortex`` in place; return its mask (work grid).
+
+    ``strength`` scales its contrast (a healing line keeps a share of it);
+    at 0 the draws are made and the arrays are left alone.
+    """
     phi = math.radians(case.fracture_angle_deg)
     reach = 8.0 if case.fracture_kind == "lucent" else 6.0
     region = inside & (np.abs(s_frac) < reach)
@@ -964,17 +1074,19 @@ def _apply_fracture(
             cut = bone.radius * rng.uniform(0.5, 0.8)
             m = m * np.clip((side * dv_w - cut) / px, 0.0, 1.0)
         depth = rng.uniform(0.6, 0.95)
-        keep = 1.0 - depth * m
-        medulla[win] *= keep
-        cortex[win] *= keep
+        if strength > 0:
+            keep = 1.0 - depth * strength * m
+            medulla[win] *= keep
+            cortex[win] *= keep
     else:
         s_irr = s_w + _wiggle(rng, along, 0.8, (3.0, 10.0))
         m = _band(s_irr, case.band_mm / 2, px * 2.5)
-        gain = rng.uniform(0.8, 1.8) * mu_trab / max(case.bmd, 0.5) ** 0.5
-        medulla[win] += m * medulla_path[win] * gain
-        cortex[win] *= 1.0 + 0.25 * m
-        if rng.random() < 0.3:  # a faint fracture line inside the band
-            keep = 1.0 - 0.4 * _band(s_irr, 0.3, px)
+        gain = rng.uniform(0.8, 1.8) * mu_trab / max(case.bmd, 0.5) ** 0.5 * strength
+        if strength > 0:
+            medulla[win] += m * medulla_path[win] * gain
+            cortex[win] *= 1.0 + 0.25 * strength * m
+        if rng.random() < 0.3 and strength > 0:  # a faint fracture line inside the band
+            keep = 1.0 - 0.4 * strength * _band(s_irr, 0.3, px)
             medulla[win] *= keep
             cortex[win] *= keep
     mask[win] = (m > 0.3) & inside[win]
