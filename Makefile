@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEB_STAMP := $(VENV)/.debian
 
-.PHONY: run test setup lint train train-ct bench clean
+.PHONY: run test setup lint train train-ct priors-evidence bench clean
 
 setup: $(DEB_STAMP) $(STAMP)
 
@@ -38,6 +38,12 @@ train: setup
 
 train-ct: setup
 	$(PY) -m training.train_head_ct --out models/head-ct-haemorrhage
+
+# False new-finding alerts with and without prior comparison, into the cards
+# (the training targets run it too, for the weights they write).
+priors-evidence: setup
+	$(PY) -m training.priors --model models/limb-fracture-xr
+	$(PY) -m training.priors --model models/head-ct-haemorrhage
 
 # Benchmarks print tables and write bench/out/*.json and report.png.
 bench: setup
