@@ -63,11 +63,13 @@ def run(ctx: Context, cache: SeriesCache, pending: Sequence[tuple[Job, Stored | 
                     raise exc
             continue
         for (job, stored, inputs), raw in zip(items, outputs, strict=True):
+            result = None
             with ctx.ledger.outcome(job) as done:
                 finding = to_finding(card, raw, inputs.image.geometry)
                 result = report(ctx, card, stored, finding, missing=inputs.missing_inputs,
                                 notes=inputs.image.notes)
                 done(result, stored.queued_at)
+            priors.revise_if_due(ctx, job, result)
 
 
 def report(ctx: Context, card: ModelCard, stored: Stored, finding: Finding, *,

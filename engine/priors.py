@@ -229,9 +229,11 @@ class Deadline:
     def __init__(self, ctx: Context, job: Job) -> None:
         p = ctx.config.priors
         self.first = job.attempts <= 1
-        self.until = (job.created + p.deadline_seconds) if self.first \
-            else time.time() + p.retrieve_timeout_seconds
-        self.per_operation = p.retrieve_timeout_seconds
+        # Later attempts: the whole search stays well inside JobTimeoutSeconds,
+        # past which the worker would be ended as hung.
+        later = min(p.retrieve_timeout_seconds, 0.8 * ctx.config.job_timeout_seconds)
+        self.until = (job.created + p.deadline_seconds) if self.first else time.time() + later
+        self.per_operation = later
 
     def left(self, doing: str) -> float:
         left = min(self.until - time.time(), self.per_operation)
@@ -447,13 +449,34 @@ def revise_study(ctx: Context, study: str) -> int:
     for job in ctx.store.list(study=study, state="done", limit=100000):
         info = (job.result or {}).get("comparison") or {}
         if info.get("state") in ("pending", "unavailable"):
-            try:
-                revised += revise(ctx, job)
-            except JobOutcome as exc:
-                log.warning("orthanc-ai: job %d could not be revised: %s", job.id, exc.reason)
-            except Exception:
-                log.exception("orthanc-ai: job %d could not be revised", job.id)
+            revised += _revise_logged(ctx, job)
     return revised
+
+
+def _revise_logged(ctx: Context, job: Job) -> int:
+    """:func:`revise`; what stops it is logged (the result keeps its first SR)."""
+    try:
+        return revise(ctx, job)
+    except JobOutcome as exc:
+        log.warning("orthanc-ai: job %d could not be revised: %s", job.id, exc.reason)
+    except Exception:
+        log.exception("orthanc-ai: job %d could not be revised", job.id)
+    return 0
+
+
+def revise_if_due(ctx: Context, job: Job, result: dict[str, Any] | None) -> None:
+    """After an analysis ended awaiting its prior: if the prior search succeeded
+    meanwhile (after it looked for results to revise), revise it now. Both sides
+    look after their own write, so one of them always sees the other's."""
+    info = (result or {}).get("comparison") or {}
+    if info.get("state") not in ("pending", "unavailable") or not job.study:
+        return
+    search = ctx.store.by_key(priors_key(job.study))
+    if search is None or search.state != JobState.DONE:
+        return
+    ended = ctx.store.get(job.id)
+    if ended is not None and ended.state == JobState.DONE:
+        _revise_logged(ctx, ended)
 
 
 def _predecessor(result: dict[str, Any], study_uid: str) -> Dataset:

@@ -32,6 +32,7 @@ from inference.volume import (
     slice_area_mm2,
 )
 
+from . import priors
 from .context import Context
 from .fetch import Located, Stored, fetch
 from .instance_job import card_for, report
@@ -70,8 +71,11 @@ def list_slices(ctx: Context, series_id: str) -> OrderedSeries:
 
 def run(ctx: Context, job: Job) -> None:
     """Run one claimed series job; it ends in a state, whatever happens."""
+    result = None
     with ctx.ledger.outcome(job) as done:
-        done(analyse(ctx, job, card_for(ctx, job)), job.created)
+        result = analyse(ctx, job, card_for(ctx, job))
+        done(result, job.created)
+    priors.revise_if_due(ctx, job, result)
 
 
 def analyse(ctx: Context, job: Job, card: ModelCard) -> dict[str, Any]:
