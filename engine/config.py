@@ -171,7 +171,10 @@ def parse_ai_section(section: Any) -> AIConfig:
 
 
 def check_peers(ai: AIConfig, configuration: Mapping[str, Any]) -> None:
-    """Every PACS named in AI.Priors and AI.Forward is one of Orthanc's DicomModalities."""
+    """Every PACS named in AI.Priors and AI.Forward is one of Orthanc's DicomModalities
+    (unless Orthanc keeps them in its database, where only Orthanc can tell)."""
+    if configuration.get("DicomModalitiesInDatabase") is True:
+        return
     modalities = configuration.get("DicomModalities") or {}
     known = set(modalities) if isinstance(modalities, dict) else set()
     named = [("AI.Priors.Sources", n) for n in ai.priors.sources] + \

@@ -56,11 +56,13 @@ class Context:
             self.metrics.stage_seconds.labels(name).observe(time.perf_counter() - t0)
 
     def deliver(self, report: Report) -> dict[str, Any]:
-        """Hand a report to every sink; their answers, merged."""
+        """Hand a report to every sink, in order; their answers, merged (a sink sees
+        what the ones before it answered in ``report.extra``, e.g. ``sr_instance``)."""
         out: dict[str, Any] = {}
         for sink in self.sinks:
             with self.stage(f"sink_{sink.name}"):
                 out.update(sink.deliver(report))
+            report.extra.update(out)
         return out
 
 

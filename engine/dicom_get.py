@@ -300,6 +300,11 @@ def _check_final(final: Dataset | None, got: _Received, where: str, assoc: Any) 
     failed = _count(final, "NumberOfFailedSuboperations")
     warning = _count(final, "NumberOfWarningSuboperations")
     ours = f"; Orthanc did not store {got.refused}: {got.first_refusal}" if got.refused else ""
+    if got.stored and code in (0x0000, 0xB000):
+        if failed or warning or got.refused:  # a partial prior still compares
+            log.warning("orthanc-ai: C-GET from %s: %d stored, %d failed, %d warning "
+                        "sub-operation(s)%s", where, got.stored, failed, warning, ours)
+        return
     if code != 0x0000 or failed or warning or got.refused:
         meaning = _FINAL.get(code) or ("unable to process" if 0xC000 <= code <= 0xCFFF
                                        else "failure" if code else "success")

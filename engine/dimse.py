@@ -53,6 +53,16 @@ class OrthancDimse:
         self.configuration: Mapping[str, Any] = configuration or {}
         self._aet: str | None = None
 
+    def peer_aet(self, peer: str) -> str:
+        """The AE title of a DicomModalities entry ("" when unknown here)."""
+        modalities = self.configuration.get("DicomModalities") or {}
+        entry = modalities.get(peer) if isinstance(modalities, Mapping) else None
+        if isinstance(entry, Mapping):
+            return str(entry.get("AET") or "").strip()
+        if isinstance(entry, list | tuple) and entry:
+            return str(entry[0]).strip()
+        return ""
+
     def own_aet(self) -> str:
         """Our Orthanc's AE title: the C-MOVE destination the PACS must know."""
         if self._aet is None:
@@ -65,9 +75,9 @@ class OrthancDimse:
         status, answer = self.source.call("POST", path,
                                           {**body, "Timeout": max(1, round(timeout))},
                                           timeout=timeout + 10)
-        if status == 404 and path.startswith("/modalities/"):
-            raise PeerError(f"{what} {peer}: not a DicomModalities entry of this Orthanc, "
-                            "or this Orthanc has no such DICOM client")
+        if status == 404:
+            raise PeerError(f"{what} {peer}: {_reason(status, answer)} (no such "
+                            "DicomModalities entry, route or resource in this Orthanc)")
         if status >= 400:
             raise PeerError(f"{what} {peer} failed: {_reason(status, answer)}")
         return answer

@@ -37,13 +37,14 @@ from typing import TYPE_CHECKING, Any
 from pydicom.dataset import Dataset
 from pydicom.uid import Comprehensive3DSRStorage
 
-from inference.errors import JobOutcome, SkipInput, TransientError
+from inference.errors import SkipInput, TransientError
 from inference.interval import Comparison, PriorFinding, PriorReference, compare
 from inference.postprocess import Finding, Region
 
 from .dimse import OrthancDimse, PeerError
 from .source import InstanceGone, orthanc_study_id
 from .stores import Job, JobKind, JobState, NewJob
+from .stores.base import iso
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -71,6 +72,25 @@ def enabled(ctx: Context) -> bool:
 def is_prior(ctx: Context, study: str | None) -> bool:
     """Whether ``study`` was fetched only to be compared with another."""
     return bool(study) and ctx.store.by_key(retention_key(study or "")) is not None
+
+
+def arrived_as_prior(ctx: Context, metadata: dict[str, str]) -> bool:
+    """Whether an instance came the way priors come: a C-STORE from a priors
+    source (its C-MOVE), or our own upload of what a C-GET brought."""
+    p = ctx.config.priors
+    origin = metadata.get("Origin", "")
+    if origin == "DicomProtocol":
+        return metadata.get("RemoteAET", "") in {ctx.dimse.peer_aet(s) for s in p.sources}
+    return origin == "RestApi" and "C-GET" in p.retrieve_method.values()
+
+
+def unmark_prior(ctx: Context, study: str) -> None:
+    """The study is a current study after all (sent by a modality): no longer a prior."""
+    job = ctx.store.by_key(retention_key(study))
+    if job is not None and job.state != JobState.RUNNING:
+        ctx.store.delete(job.id)
+        log.warning("orthanc-ai: study %s, fetched as a prior, was then sent as a current "
+                    "study: it is one now", study)
 
 
 def new_priors_job(study: str) -> NewJob:
@@ -212,8 +232,9 @@ def _remote_candidates(dimse: OrthancDimse, peer: str, search: Search,
              "ModalitiesInStudy": "\\".join(sorted(cur.modalities)),
              "StudyInstanceUID": "", "StudyTime": "", "AccessionNumber": "",
              "StudyDescription": "", "NumberOfStudyRelatedInstances": ""}
-    if cur.issuer:
-        query["IssuerOfPatientID"] = cur.issuer
+    # Matched where the study has one (another issuer: another patient); else
+    # returned, so that what the PACS says can be checked here.
+    query["IssuerOfPatientID"] = cur.issuer
     return [_facts(a, peer) for a in dimse.find(peer, "Study", query, timeout)]
 
 
@@ -228,11 +249,13 @@ class Deadline:
 
     def __init__(self, ctx: Context, job: Job) -> None:
         p = ctx.config.priors
-        self.first = job.attempts <= 1
-        # Later attempts: the whole search stays well inside JobTimeoutSeconds,
+        deadline = job.created + p.deadline_seconds
+        # The first attempt ends at the deadline (not one requeued by an operator
+        # later). Later ones: the whole search stays well inside JobTimeoutSeconds,
         # past which the worker would be ended as hung.
+        self.first = job.attempts <= 1 and time.time() < deadline
         later = min(p.retrieve_timeout_seconds, 0.8 * ctx.config.job_timeout_seconds)
-        self.until = (job.created + p.deadline_seconds) if self.first else time.time() + later
+        self.until = deadline if self.first else time.time() + later
         self.per_operation = later
 
     def left(self, doing: str) -> float:
@@ -321,11 +344,21 @@ def retrieve(ctx: Context, dimse: OrthancDimse, c: StudyFacts, for_study: str,
     expected = orthanc_study_id(c.patient_id or "", c.uid)
     mark_prior(ctx, expected, c.source, for_study)
     method = ctx.config.priors.retrieve_method.get(c.source, "C-MOVE")
-    dimse.retrieve_study(c.source, c.uid, method, clock.left(f"retrieving from {c.source}"))
-    status, found = ctx.source.call("POST", "/tools/lookup", c.uid)
-    ids = [f["ID"] for f in found if f.get("Type") == "Study"] \
-        if status == 200 and isinstance(found, list) else []
+
+    def arrived() -> list[str]:
+        status, found = ctx.source.call("POST", "/tools/lookup", c.uid)
+        return [f["ID"] for f in found if f.get("Type") == "Study"] \
+            if status == 200 and isinstance(found, list) else []
+
+    try:
+        dimse.retrieve_study(c.source, c.uid, method, clock.left(f"retrieving from {c.source}"))
+    except PeerError:
+        if not arrived():  # nothing came: no mark left behind
+            unmark_prior(ctx, expected)
+        raise
+    ids = arrived()
     if not ids:
+        unmark_prior(ctx, expected)
         hint = f" (does {c.source} know our AE title {dimse.own_aet()} as a move " \
             "destination?)" if method == "C-MOVE" else ""
         raise PeerError(f"the {method} from {c.source} ended but brought no instance{hint}")
@@ -351,14 +384,13 @@ def mark_prior(ctx: Context, study: str, source: str, for_study: str) -> None:
 
 def run_retention(ctx: Context, job: Job) -> None:
     """A prior fetched only for comparison has been kept long enough: delete it."""
-    with ctx.ledger.outcome(job) as done:
+    with ctx.ledger.outcome(job, policy=ctx.config.priors) as done:
         try:
             ctx.source.delete(f"/studies/{job.study}")
             outcome = "deleted from Orthanc"
         except InstanceGone:
             outcome = "already gone"
-        done({"removed": outcome, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-             None)
+        done({"removed": outcome, "at": iso(time.time())}, None)
 
 
 # -- the comparison ----------------------------------------------------------------
@@ -418,9 +450,15 @@ def comparison_for(ctx: Context, study: str | None, card: Any, finding: Finding,
                                           limit=100000)
                 if j.model_version == card.version and j.result
                 and "probability" in j.result]
-        if not done:
+        latest: dict[str, Job] = {}  # a volume: its latest version (set of slices) only
+        for j in done:
+            if j.instance:
+                latest[j.key] = j
+            elif j.series and j.id > getattr(latest.get(j.series), "id", -1):
+                latest[j.series] = j
+        if not latest:
             continue
-        best = max(done, key=lambda j: float(j.result["probability"]))  # type: ignore[index]
+        best = max(latest.values(), key=lambda j: float(j.result["probability"]))  # type: ignore[index]
         r = best.result or {}
         before = PriorFinding(float(r["probability"]), float(r.get("threshold", card.threshold)),
                               r.get("volume_ml"))
@@ -443,40 +481,54 @@ def comparison_for(ctx: Context, study: str | None, card: Any, finding: Finding,
                     note=f"no prior comparison: {reason}")
 
 
+def awaits(result: dict[str, Any] | None) -> bool:
+    """Whether an analysis' SR was written without the comparison that may still come."""
+    info = (result or {}).get("comparison") or {}
+    return info.get("state") in ("pending", "unavailable")
+
+
+def queue_revision(ctx: Context, job: Job) -> bool:
+    """A durable revise job for one analysis' SR (once per SR, whoever asks)."""
+    sop = (job.result or {}).get("sr_sop_instance_uid", "")
+    return ctx.ledger.record(NewJob(
+        job.instance, job.study, job.series, model=job.model, version=job.model_version,
+        kind=JobKind.REVISE, key=f"revise:{job.id}:{sop}")) is not None
+
+
 def revise_study(ctx: Context, study: str) -> int:
-    """After the priors job succeeded: a revised SR for each result that awaited it."""
-    revised = 0
-    for job in ctx.store.list(study=study, state="done", limit=100000):
-        info = (job.result or {}).get("comparison") or {}
-        if info.get("state") in ("pending", "unavailable"):
-            revised += _revise_logged(ctx, job)
-    return revised
-
-
-def _revise_logged(ctx: Context, job: Job) -> int:
-    """:func:`revise`; what stops it is logged (the result keeps its first SR)."""
-    try:
-        return revise(ctx, job)
-    except JobOutcome as exc:
-        log.warning("orthanc-ai: job %d could not be revised: %s", job.id, exc.reason)
-    except Exception:
-        log.exception("orthanc-ai: job %d could not be revised", job.id)
-    return 0
+    """A revise job for each result of ``study`` that awaits its prior."""
+    return sum(queue_revision(ctx, job) for job in ctx.store.list(study=study, state="done",
+                                                                    limit=100000)
+               if awaits(job.result))
 
 
 def revise_if_due(ctx: Context, job: Job, result: dict[str, Any] | None) -> None:
     """After an analysis ended awaiting its prior: if the prior search succeeded
-    meanwhile (after it looked for results to revise), revise it now. Both sides
-    look after their own write, so one of them always sees the other's."""
-    info = (result or {}).get("comparison") or {}
-    if info.get("state") not in ("pending", "unavailable") or not job.study:
+    meanwhile (after it looked for results to revise), queue the revision now.
+    Both sides look after their own write, so one of them sees the other's."""
+    if not awaits(result) or not job.study:
         return
     search = ctx.store.by_key(priors_key(job.study))
-    if search is None or search.state != JobState.DONE:
-        return
     ended = ctx.store.get(job.id)
-    if ended is not None and ended.state == JobState.DONE:
-        _revise_logged(ctx, ended)
+    if search is not None and search.state == JobState.DONE and ended is not None \
+            and ended.state == JobState.DONE and awaits(ended.result):
+        queue_revision(ctx, ended)
+
+
+def run_revision(ctx: Context, job: Job) -> None:
+    """Run one claimed revise job: the analysis' SR again, with its comparison."""
+    with ctx.ledger.outcome(job, policy=ctx.config.priors) as done:
+        _, analysis_id, sop = job.key.split(":", 2)
+        target = ctx.store.get(int(analysis_id))
+        if target is None or target.state != JobState.DONE or not awaits(target.result) \
+                or (target.result or {}).get("sr_sop_instance_uid") != sop:
+            done({"revised": False, "why": "the result no longer awaits this comparison"},
+                 None)
+            return
+        search = ctx.store.by_key(priors_key(target.study or ""))
+        if search is None or search.state != JobState.DONE:
+            raise TransientError("the prior search has not ended yet")
+        done(revise(ctx, target), None)
 
 
 def _predecessor(result: dict[str, Any], study_uid: str) -> Dataset:
@@ -488,25 +540,28 @@ def _predecessor(result: dict[str, Any], study_uid: str) -> Dataset:
     return pre
 
 
-def revise(ctx: Context, job: Job) -> int:
-    """Rebuild one job's SR with its comparison, from its recorded result."""
+def revise(ctx: Context, job: Job) -> dict[str, Any]:
+    """Rebuild one analysis' SR with its comparison, from its recorded finding."""
     from .fetch import SeriesCache, fetch, locate
     from .instance_job import report
 
     card = ctx.registry.cards.get(job.model)
     result = dict(job.result or {})
     if card is None or card.version != job.model_version or "probability" not in result:
-        return 0
+        return {"revised": False, "why": f"model {job.model} {job.model_version} is not loaded"}
     source_instance = job.instance or result.get("key_instance")
     if not source_instance:
-        return 0
+        return {"revised": False, "why": "the result names no source image"}
     region = result.get("region")
     finding = Finding(float(result["probability"]), float(result["threshold"]),
                       Region(region[1], region[0], region[3], region[2]) if region else None,
                       result.get("volume_ml"))
     compared = comparison_for(ctx, job.study, card, finding, wait=False)
     if compared.comparison is None:
-        return 0
+        # The search ended without anything to compare: say so; the SR stays.
+        result["comparison"] = compared.info
+        ctx.store.finish(job.id, JobState.DONE, result=result)
+        return {"revised": False, "why": (compared.info or {}).get("reason")}
     stored = fetch(ctx, locate(ctx, SeriesCache(), source_instance), source_instance,
                    job.created)
     new = report(ctx, card, stored, finding, missing=result.get("missing_inputs", ()),
@@ -514,18 +569,24 @@ def revise(ctx: Context, job: Job) -> int:
                  uids=(result["sr_series_instance_uid"], result["sr_sop_instance_uid"]),
                  predecessor=_predecessor(result, str(stored.dataset.StudyInstanceUID)),
                  instance=job.instance or None, compared=compared)
+    revises = result.get("sr_sop_instance_uid")
     result.update(new)
-    result["revises"] = job.result.get("sr_sop_instance_uid") if job.result else None
+    result["revises"] = revises
     ctx.store.finish(job.id, JobState.DONE, result=result)
     log.warning("orthanc-ai: job %d: revised SR with the prior comparison", job.id)
-    return 1
+    return {"revised": True, "analysis": job.id, "revises": revises,
+            "sr_sop_instance_uid": new["sr_sop_instance_uid"], "change": compared.info}
 
 
 def run(ctx: Context, job: Job, dimse: OrthancDimse,
         analyse: Callable[[str, float], None]) -> None:
-    """Run one claimed priors job; then revise what waited for it."""
+    """Run one claimed priors job; then queue the revision of what waited for it
+    (before it ends, so that a kill cannot lose them, and once more after)."""
     with ctx.ledger.outcome(job, policy=ctx.config.priors) as done:
-        done(search(ctx, job, dimse, analyse), None)
+        result = search(ctx, job, dimse, analyse)
+        if job.study:
+            revise_study(ctx, job.study)
+        done(result, None)
     if job.study:
         current = ctx.store.by_key(priors_key(job.study))
         if current is not None and current.state == JobState.DONE:

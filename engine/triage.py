@@ -17,11 +17,12 @@ import pydicom
 from inference.errors import BadInput, JobOutcome, SkipInput, TransientError
 from inference.routing import is_own_output, may_be_own_output, non_image_reason, sop_class_name
 
+from . import priors
 from .context import Context
 from .fetch import SeriesCache, Stored, fetch, locate
 from .series_job import list_slices, series_key
 from .source import InstanceGone
-from .stores import InboxItem, InboxKind, JobState, NewJob
+from .stores import InboxItem, InboxKind, JobKind, JobState, NewJob
 
 log = logging.getLogger("orthanc_ai")
 
@@ -66,6 +67,9 @@ class Triage:
                                     reason="instance deleted before it could be processed")])
         study, series = located.study, located.series
         sop_class = meta.get("SopClassUid", "")
+        if not force and priors.enabled(ctx) and not may_be_own_output(sop_class) \
+                and priors.is_prior(ctx, study) and not priors.arrived_as_prior(ctx, meta):
+            priors.unmark_prior(ctx, study)  # a modality sent it: a current study now
         try:
             reason = non_image_reason(sop_class)
             if reason is not None:
@@ -156,7 +160,8 @@ class Triage:
             store.forget_instance_outcomes(instance["ID"])
         for state in (JobState.FAILED, JobState.DEAD):  # analyses, priors and deliveries
             for job in store.list(study=study_id, state=state.value, kind=None, limit=100000):
-                store.requeue(job.id)
+                if job.kind != JobKind.RETENTION:  # that one runs at its due time
+                    store.requeue(job.id)
         series = sorted({i["ParentSeries"] for i in instances})
         # Durable, so a stop before triage loses nothing; after the outcomes
         # are forgotten, so that triage may record new ones.

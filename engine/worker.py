@@ -88,6 +88,8 @@ class Worker:
                 dicom_forward.run(ctx, job)
             elif job.kind == JobKind.RETENTION:
                 priors.run_retention(ctx, job)
+            elif job.kind == JobKind.REVISE:
+                priors.run_revision(ctx, job)
             elif not job.model:
                 # An outcome decided before routing, retried by an operator: decide again.
                 ctx.store.delete(job.id)
@@ -102,49 +104,59 @@ class Worker:
         items = self._take_batch()
         if not items:
             return False
-        priors_jobs, instance_jobs, series_jobs = [], [], []
+        claimed: list[tuple[Any, Any]] = []
+        searches: list[Any] = []
         try:
             for item in items:
-                claimed = self._triage(item)
-                for job, stored in claimed:
-                    (instance_jobs if job.instance else series_jobs).append((job, stored))
-                priors_jobs += self._ask_priors(claimed)
+                self._triage(item, claimed, searches)
         finally:
-            # Claimed jobs never wait for their lease to run out. Priors first
-            # (bounded by AI.Priors.DeadlineSeconds): the results compare with them.
-            try:
-                for job in priors_jobs:
-                    self.run_priors(job)
-            finally:
-                instance_job.run(ctx, self.triage.series_cache, instance_jobs)
-                for job, _ in series_jobs:
-                    series_job.run(ctx, job)
+            self._run(searches, claimed)
         return True
+
+    def _run(self, searches: list[Any], claimed: list[tuple[Any, Any]]) -> None:
+        """Run what this worker claimed, whatever happens: a claimed job never
+        waits for its lease. Prior searches first (bounded by
+        AI.Priors.DeadlineSeconds): the results compare with them."""
+        ctx = self.ctx
+        try:
+            for job in searches:
+                self.run_priors(job)
+        finally:
+            instance_job.run(ctx, self.triage.series_cache,
+                             [(j, s) for j, s in claimed if j.instance])
+            for job, _ in claimed:
+                if not job.instance:
+                    series_job.run(ctx, job)
 
     # -- priors --------------------------------------------------------------
 
-    def _ask_priors(self, claimed: list[tuple[Any, Any]]) -> list[Any]:
-        """A priors job for each study that just got its first analysis job."""
+    def _ask_priors(self, decision: Any, searches: list[Any]) -> None:
+        """A priors job for each study that gets analysis jobs (once: keyed by study).
+
+        Asked from the decision, before its inbox row is acknowledged: a worker
+        killed in between triages the row again and asks again."""
         ctx = self.ctx
         if not priors.enabled(ctx):
-            return []
-        jobs = []
-        for study in dict.fromkeys(j.study for j, _ in claimed if j.study):
-            if study in self.priors_asked:
+            return
+        for study in dict.fromkeys(j.study for j in decision.jobs
+                                   if j.study and j.state == JobState.QUEUED):
+            if study in self.priors_asked or priors.is_prior(ctx, study):
                 continue
+            job = ctx.ledger.record(priors.new_priors_job(study))
             if len(self.priors_asked) > 10000:
                 self.priors_asked.clear()
             self.priors_asked.add(study)
-            if priors.is_prior(ctx, study):
-                continue
-            job = ctx.ledger.record(priors.new_priors_job(study))
             mine = ctx.ledger.claim(job) if job is not None else None
             if mine is not None:
-                jobs.append(mine)
-        return jobs
+                searches.append(mine)
 
     def run_priors(self, job: Any) -> None:
-        priors.run(self.ctx, job, self.ctx.dimse, self.analyse_study)
+        try:
+            priors.run(self.ctx, job, self.ctx.dimse, self.analyse_study)
+        except Exception as exc:  # outside its outcome (the store): never left running
+            log.exception("orthanc-ai: prior search %d failed", job.id)
+            self.ctx.ledger.retry_or_give_up(job, f"internal error: {type(exc).__name__}",
+                                            self.ctx.config.priors)
 
     def analyse_study(self, study: str, until: float) -> None:
         """Analyse a prior now, by the current model versions, and wait until every
@@ -152,15 +164,22 @@ class Worker:
         ctx = self.ctx
         instances = ctx.source.get_json(f"/studies/{study}/instances")
         claimed: list[tuple[Any, Any]] = []
-        for i in instances:
-            claimed += self._record(self.triage.instance(i["ID"], time.time(), force=True))
-        for series in sorted({i["ParentSeries"] for i in instances}):
-            claimed += self._record(self.triage.series(series))
-        instance_job.run(ctx, self.triage.series_cache,
-                         [(j, s) for j, s in claimed if j.instance])
-        for job, _ in claimed:
-            if not job.instance:
-                series_job.run(ctx, job)
+        late = False
+        try:
+            for i in instances:
+                if time.time() > until:  # the rest waits for a later attempt
+                    late = True
+                    break
+                self._record(self.triage.instance(i["ID"], time.time(), force=True), claimed)
+            for series in sorted({i["ParentSeries"] for i in instances}):
+                if late or time.time() > until:
+                    late = True
+                    break
+                self._record(self.triage.series(series), claimed)
+        finally:
+            self._run([], claimed)
+        if late:
+            raise TransientError("the deadline passed while analysing the prior")
         while any(ctx.store.list(study=study, state=state, limit=1)
                   for state in ("queued", "running")):
             if time.time() > until:
@@ -184,39 +203,39 @@ class Worker:
             items += ctx.store.take_from_inbox(ctx.owner, size - len(items), lease)
         return items
 
-    def _triage(self, item: Any) -> list[tuple[Any, Any]]:
-        """Triage one inbox item, create its jobs, claim them; ack the row."""
+    def _triage(self, item: Any, claimed: list[tuple[Any, Any]], searches: list[Any]) -> None:
+        """Triage one inbox item, create and claim its jobs (into ``claimed``) and
+        its study's prior search (into ``searches``); ack the row."""
         ctx = self.ctx
         if item.attempts > ctx.config.max_attempts:  # its triage killed the worker each time
             ctx.ledger.record(triage_failed(item, DIED_IN_TRIAGE))
             ctx.store.ack_inbox([item.row], ctx.owner)
-            return []
+            return
         try:
             decision = self.triage(item)
         except TransientError as exc:
             log.warning("orthanc-ai: triage postponed: %s", exc.reason)
             ctx.store.release_inbox([item.row], delay=2.0)
-            return []
+            return
         except Exception as exc:  # a bug: the traceback here, the type in the job
             log.exception("orthanc-ai: triage failed")
             ctx.ledger.record(triage_failed(
                 item, f"internal error in triage: {type(exc).__name__}"))
             ctx.store.ack_inbox([item.row], ctx.owner)
-            return []
-        claimed = self._record(decision)
+            return
+        self._record(decision, claimed)
+        self._ask_priors(decision, searches)
         ctx.store.ack_inbox([item.row], ctx.owner)
-        return claimed
 
-    def _record(self, decision: Any) -> list[tuple[Any, Any]]:
-        """Create a decision's jobs; the queued ones, claimed, with the fetched instance."""
-        claimed = []
+    def _record(self, decision: Any, claimed: list[tuple[Any, Any]]) -> None:
+        """Create a decision's jobs; the queued ones are claimed, with the fetched
+        instance, into ``claimed`` as they are (so an error halfway loses none)."""
         for spec in decision.jobs:
             job = self.ctx.ledger.record(spec)
             if job is not None and spec.state == JobState.QUEUED:
                 mine = self.ctx.ledger.claim(job)
                 if mine is not None:
                     claimed.append((mine, decision.stored))
-        return claimed
 
     # -- beside the loop -----------------------------------------------------
 

@@ -122,7 +122,9 @@ class Api:
     def list_deliveries(self, query: Mapping[str, str]) -> Response:
         """Forwarded SRs: one entry per (destination, SR), with its delivery state."""
         try:
-            filters = self._job_filters({"kind": JobKind.FORWARD.value, **query})
+            if "kind" in query:
+                raise BadRequest("unknown parameter(s): kind")
+            filters = self._job_filters({**query, "kind": JobKind.FORWARD.value})
         except BadRequest as exc:
             return _error(400, str(exc))
         return _json(200, deliveries(self.plugin.store.list(**filters)))
@@ -143,9 +145,13 @@ class Api:
 
     def retry_job(self, query: Mapping[str, str], job_id: str) -> Response:
         try:
-            job = self.plugin.store.requeue(_job_id(job_id))
+            found = self.plugin.store.get(_job_id(job_id))
         except BadRequest as exc:
             return _error(400, str(exc))
+        if found is not None and found.kind == JobKind.RETENTION:
+            return _error(409, f"job {job_id} removes a fetched prior at its due time; "
+                               "it is not retried")
+        job = self.plugin.store.requeue(int(job_id))
         if job is None:
             return _error(409, f"job {job_id} does not exist or is running")
         if self.plugin.supervisor is not None:

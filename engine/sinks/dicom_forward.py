@@ -22,6 +22,7 @@ from inference.errors import SkipInput
 from ..deliveries import destination_of, forward_key
 from ..source import InstanceGone, orthanc_instance_id
 from ..stores import Job, JobKind, NewJob
+from ..stores.base import iso
 from . import Report
 
 if TYPE_CHECKING:
@@ -43,8 +44,9 @@ class DicomForwardSink:
         if is_prior(self.ctx, report.study):
             return {"forward": "not forwarded: a prior fetched for comparison"}
         sr = report.sr
-        sr_id = orthanc_instance_id(str(sr.get("PatientID", "")), str(sr.StudyInstanceUID),
-                                    str(sr.SeriesInstanceUID), str(sr.SOPInstanceUID))
+        sr_id = report.extra.get("sr_instance") or orthanc_instance_id(  # as stored
+            str(sr.get("PatientID", "")), str(sr.StudyInstanceUID), str(sr.SeriesInstanceUID),
+            str(sr.SOPInstanceUID))
         queued = {}
         for destination in destinations:
             key = forward_key(destination, str(sr.SOPInstanceUID))
@@ -63,9 +65,10 @@ def run(ctx: Context, job: Job) -> None:
         if destination not in forward.destinations:
             raise SkipInput(f"{destination} is no longer in AI.Forward.Destinations")
         try:
-            answer = ctx.dimse.store(destination, [job.instance], forward.timeout_seconds)
+            ctx.source.instance(job.instance)
         except InstanceGone as exc:
             raise SkipInput("the SR was deleted from Orthanc before it could be sent") from exc
+        answer = ctx.dimse.store(destination, [job.instance], forward.timeout_seconds)
         done({"destination": destination, "sr_instance": job.instance,
               "sr_sop_instance_uid": uid, "remote_aet": answer.get("RemoteAet"),
-              "delivered": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, None)
+              "delivered": iso(time.time())}, None)

@@ -50,6 +50,7 @@ class JobKind(StrEnum):
     PRIORS = "priors"  # find (and fetch) the prior studies of a study
     FORWARD = "forward"  # send one SR to one DICOM destination (C-STORE)
     RETENTION = "retention"  # a study fetched only for comparison; removed when due
+    REVISE = "revise"  # rebuild an analysis' SR with the comparison that came later
 
 
 class InboxKind(StrEnum):

@@ -110,6 +110,10 @@ _TRANSIENT = (psycopg.OperationalError, psycopg.InterfaceError,
 
 
 
+# What counts against MaxAttempts when a job's worker died (as in sqlite.py).
+_DEATHS = "(CASE WHEN kind = 'analysis' THEN attempts ELSE deaths + 1 END)"
+
+
 def _node(owner: str) -> str:
     return owner.rsplit("/", 1)[0]
 
@@ -279,7 +283,7 @@ class PostgresJobStore:
             # Deaths that used up the attempts end here, for good: no crash loop.
             db.execute(
                 "WITH died AS MATERIALIZED (SELECT id FROM jobs WHERE state='running'"
-                " AND lease_until < %(now)s AND attempts >= %(max)s FOR UPDATE SKIP LOCKED)"
+                " AND lease_until < %(now)s AND " + _DEATHS + " >= %(max)s FOR UPDATE SKIP LOCKED)"
                 " UPDATE jobs SET state='failed', not_before=0, owner=NULL, updated=%(now)s,"
                 " deaths=deaths+1, reason=%(died)s::text || ' (' || (deaths+1)"
                 " || ' time(s)); not retried automatically'"
@@ -293,7 +297,7 @@ class PostgresJobStore:
                 " lease_until=%(until)s"
                 " WHERE id = (SELECT id FROM jobs WHERE (state='queued' AND not_before <= %(now)s)"
                 " OR (state='failed' AND not_before > 0 AND not_before <= %(now)s)"
-                " OR (state='running' AND lease_until < %(now)s AND attempts < %(max)s)"
+                " OR (state='running' AND lease_until < %(now)s AND " + _DEATHS + " < %(max)s)"
                 " ORDER BY not_before, id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING *",
                 args,
             ).fetchone()

@@ -79,6 +79,10 @@ CREATE INDEX IF NOT EXISTS inbox_todo ON inbox(done, received);
 
 
 _NO_LOCK = nullcontext()
+# What counts against MaxAttempts when a job's worker died: an analysis' attempts
+# (its input may be what kills workers); for other kinds only the deaths, since
+# their attempts are also spent on retries while a peer is down.
+_DEATHS = "(CASE WHEN kind = 'analysis' THEN attempts ELSE deaths + 1 END)"
 # An item to do again: whoever is triaging it loses it (their ack is ignored).
 _REOPEN = ("DO UPDATE SET done=0, attempts=0, taken_until=0, taken_by=NULL,"
            " received=excluded.received")
@@ -192,7 +196,8 @@ class SqliteJobStore:
             db.execute(
                 "UPDATE jobs SET state='failed', not_before=0, owner=NULL, updated=?,"
                 " deaths=deaths+1, reason=? || ' (' || (deaths+1) || ' time(s)); not retried"
-                " automatically' WHERE state='running' AND lease_until < ? AND attempts >= ?",
+                " automatically' WHERE state='running' AND lease_until < ?"
+                " AND " + _DEATHS + " >= ?",
                 (now, DIED_REASON, now, max_attempts),
             )
             row = db.execute(

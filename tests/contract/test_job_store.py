@@ -743,3 +743,20 @@ def test_release_node_frees_what_a_restarted_nodes_former_workers_held(store, cl
     due = {store.claim_next("node-a/20", 30, 3).instance for _ in range(2)}
     assert due == {"i0", "i1"} and store.claim_next("node-a/20", 30, 3) is None
     assert [i.resource for i in store.take_from_inbox("node-a/20", 10, 30)] == ["x"]
+
+
+def test_deaths_of_a_retrying_delivery_count_deaths_not_retries(store, clock):
+    """A forward job that retried while its destination was down is not failed
+    for good by one worker death; three deaths in a row do fail it."""
+    job = store.add(NewJob("sr", "S", "SE", kind=JobKind.FORWARD, key="forward:P:1.2"))
+    for _ in range(3):  # three attempts that met a down destination
+        store.claim_next("a/1", 30, 3)
+        store.finish(job.id, JobState.FAILED, retry_at=clock.now, reason="down")
+    assert store.claim_next("a/1", 30, 3).id == job.id  # the fourth attempt ...
+    for deaths in range(1, 3):  # ... and its worker dies, twice: taken again
+        clock.now += 31
+        again = store.claim_next("b/2", 30, 3)
+        assert again.id == job.id and again.deaths == deaths
+    clock.now += 31
+    assert store.claim_next("c/3", 30, 3) is None  # the third death ends it
+    assert store.get(job.id).state == "failed" and store.get(job.id).reason == died(3)

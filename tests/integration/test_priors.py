@@ -55,6 +55,7 @@ def net(tmp_path_factory):
     dcmqr.known = {"ORTHANC": me}
     priors = {
         "found": ("P-FOUND", pacs, {}),
+        "promoted": ("P-PROMOTED", pacs, {}),
         "dcmqr": ("P-DCMQR", dcmqr, {}),
         "issuer": ("P-ISSUER", dcmqr, {"issuer": "HOSP_B"}),
         "movefail": ("P-MOVEFAIL", badmove, {}),
@@ -206,6 +207,26 @@ def test_prior_on_the_pacs_is_fetched_compared_and_the_sr_forwarded(net):
     assert pacs.find_sop(str(sr.SOPInstanceUID))
     detail = ai.get(f"/ai/jobs/{job['id']}")
     assert detail["deliveries"][0]["state"] == "done"
+
+
+def test_a_prior_later_sent_by_a_modality_becomes_a_current_study(net):
+    """A study fetched as a prior, to which a modality then sends an image, is a
+    current study from then on: its own prior search, its SRs forwarded."""
+    ai = net["ai"]
+    current = analysis(ai, send_current(net, "P-PROMOTED"))
+    prior = current["result"]["comparison"]["prior_study"]
+    assert ai.jobs(kind="retention", study=prior)
+    late = patient_study_dx("P-PROMOTED", "20240110", fracture=False, accession="PRI-promoted")
+    late.SeriesInstanceUID = late.SeriesInstanceUID + ".2"
+    late.SOPInstanceUID = late.file_meta.MediaStorageSOPInstanceUID = late.SOPInstanceUID + ".2"
+    path = net["tmp"] / "late-view.dcm"
+    late.save_as(path, enforce_file_format=True)
+    ai.storescu([path])
+    job = analysis(ai, str(late.SOPInstanceUID))
+    assert job["study"] == prior
+    assert not ai.jobs(kind="retention", study=prior)
+    assert ai.jobs(kind="priors", study=prior)
+    assert isinstance(job["result"]["forward"], dict)  # forwarded like any current study
 
 
 def test_prior_only_on_the_second_pacs(net):
