@@ -49,6 +49,7 @@ priors-evidence: setup
 bench: setup
 	$(PY) -m bench.run_all $(ARGS)
 	$(PY) -m bench.series_memory
+	$(PY) -m bench.priors
 
 clean:
 	rm -rf data build .pytest_cache
