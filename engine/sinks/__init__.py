@@ -3,7 +3,8 @@
 The pipeline hands every finished report to each sink in order and merges
 what a sink returns into the job's result; it knows nothing else about
 them. Storing the SR back into Orthanc is the first sink; forwarding by
-C-STORE, HL7 ORU and the audit trail plug in beside it.
+C-STORE (``dicom_forward.py``) the second; HL7 ORU and the audit trail
+plug in beside them.
 """
 
 from __future__ import annotations
