@@ -98,6 +98,36 @@ class _Forward(Section):
     timeout_seconds: StrictFloat = Field(60.0, gt=0)  # one C-STORE association
 
 
+class _HL7(Section):
+    """``AI.HL7``: an ORU^R01 (v2.5.1) per stored SR to the RIS, over MLLP."""
+
+    host: StrictStr = ""  # empty: no HL7
+    port: StrictInt = Field(2575, ge=1, le=65535)
+    sending_application: StrictStr = "ORTHANC-AI"
+    sending_facility: StrictStr = ""
+    receiving_application: StrictStr = ""
+    receiving_facility: StrictStr = ""
+    timeout_seconds: StrictFloat = Field(30.0, gt=0)  # connect + ACK
+    max_attempts: StrictInt = Field(20, ge=1)
+    retry_backoff_seconds: StrictFloat = Field(5.0, ge=0)
+    max_backoff_seconds: StrictFloat = Field(600.0, ge=0)
+
+
+class _Audit(Section):
+    """``AI.Audit``: DICOM PS3.15 A.5 audit messages, to a hash-chained local log
+    and, with a Host, to a syslog collector (RFC 5424 over TCP or TLS)."""
+
+    host: StrictStr = ""  # empty: the local log only
+    port: StrictInt = Field(6514, ge=1, le=65535)
+    transport: Literal["tcp", "tls"] = "tcp"
+    ca_file: StrictStr = ""  # TLS: the collector's CA (PEM)
+    cert_file: StrictStr = ""  # TLS: our client certificate (PEM), if the collector asks
+    key_file: StrictStr = ""
+    timeout_seconds: StrictFloat = Field(10.0, gt=0)
+    retry_backoff_seconds: StrictFloat = Field(5.0, ge=0)
+    max_backoff_seconds: StrictFloat = Field(300.0, ge=0)
+
+
 class AIConfig(Section):
     """The JSON key of each field is its CamelCase name (``Workers``), as Orthanc's keys are."""
 
@@ -132,6 +162,11 @@ class AIConfig(Section):
     routing: _Routing = Field(default_factory=_Routing)
     priors: _Priors = Field(default_factory=_Priors)
     forward: _Forward = Field(default_factory=_Forward)
+    hl7: _HL7 = Field(default_factory=_HL7, alias="HL7")
+    audit: _Audit = Field(default_factory=_Audit)
+    # Users (Orthanc's RegisteredUsers) allowed the /ai routes that change
+    # anything, when Orthanc's authentication is on.
+    administrators: tuple[StrictStr, ...] = ()
 
     @property
     def routing_rules(self) -> tuple[Rule, ...] | None:

@@ -51,6 +51,7 @@ class JobKind(StrEnum):
     FORWARD = "forward"  # send one SR to one DICOM destination (C-STORE)
     RETENTION = "retention"  # a study fetched only for comparison; removed when due
     REVISE = "revise"  # rebuild an analysis' SR with the comparison that came later
+    HL7 = "hl7"  # send one ORU^R01 for one SR to the RIS (MLLP)
 
 
 class InboxKind(StrEnum):
