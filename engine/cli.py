@@ -4,6 +4,7 @@
     orthanc-ai demo  --data DIR --http-port P --dicom-port Q [--exit]
     orthanc-ai check-config [--config FILE]
     orthanc-ai validate-model FOLDER
+    orthanc-ai audit verify (--data DIR | --config FILE | --log FILE)
 """
 
 from __future__ import annotations
@@ -177,6 +178,8 @@ def wait_for_jobs(base_url: str, instance_ids: list[str], series_ids: list[str],
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from engine.demo import AET, DemoPacs, demo_configuration
+    from engine.standins.audit_repository import SyslogReceiver
+    from engine.standins.ris import MllpListener
     from training.synthetic.dx import write_demo_priors
 
     data = Path(args.data).resolve()
@@ -185,14 +188,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     pacs = DemoPacs(data / "demo-pacs", ORTHANC, str(base.get("DicomAet", "ORTHANC")),
                     args.dicom_port)
     print(f"Starting the demo PACS ({AET}, DICOM port {pacs.dicom_port}) with earlier "
-          "studies of two demo patients ...")
+          "studies of two demo patients, a demo RIS (HL7 MLLP) and a demo audit "
+          "repository (syslog) ...")
     pacs.start()
+    ris, audit = MllpListener().start(), SyslogReceiver("tcp").start()
     proc: subprocess.Popen | None = None
     try:
         for prior in write_demo_priors(data / "demo-priors", seed=args.seed):
             pacs.upload(prior)
         config = data / "demo-configuration.json"
-        config.write_text(json.dumps(demo_configuration(base, pacs), indent=2))
+        config.write_text(json.dumps(demo_configuration(base, pacs, ris.port, audit.port),
+                                     indent=2))
         args.config = str(config)
         argv, env = prepare(args)
         log_path = data / "orthanc.log"
@@ -201,7 +207,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
               f" log: {log_path}")
         with open(log_path, "ab") as log_file:
             proc = subprocess.Popen(argv, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-        return _demo(args, data, base_url, proc)
+        return _demo(args, data, base_url, proc, ris, audit)
     except KeyboardInterrupt:
         return 0
     finally:
@@ -212,9 +218,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
         pacs.stop()
+        ris.stop()
+        audit.stop()
 
 
-def _demo(args: argparse.Namespace, data: Path, base_url: str, proc: subprocess.Popen) -> int:
+def _demo(args: argparse.Namespace, data: Path, base_url: str, proc: subprocess.Popen,
+          ris: Any, audit: Any) -> int:
     """Send the demo studies, print what the AI found, compared and forwarded."""
     from training.synthetic.ct import write_demo_ct_study
     from training.synthetic.dx import write_demo_studies
@@ -240,6 +249,17 @@ def _demo(args: argparse.Namespace, data: Path, base_url: str, proc: subprocess.
     print_table(base_url, jobs)
     print_comparisons(base_url, jobs)
     print_deliveries(base_url, jobs, timeout=120)
+    from engine.demo import describe_audit, describe_ris
+
+    print(f"\nThe demo RIS (HL7 over MLLP, 127.0.0.1:{ris.port}) received "
+          f"{len(ris.received)} ORU^R01 message(s):")
+    print("\n".join(describe_ris(ris)))
+    time.sleep(2.0)  # the audit trail is shipped by a thread of each process
+    print(f"\nThe demo audit repository (syslog RFC 5424 over TCP, 127.0.0.1:{audit.port}) "
+          f"received {len(audit.messages)} DICOM audit message(s); the local chained log "
+          f"is {data / 'orthanc-db' / 'orthanc-ai' / 'audit.log'} "
+          f"(`orthanc-ai audit verify --data {data}`):")
+    print("\n".join(describe_audit(audit)))
     if args.exit:
         return 0
     print(f"\nOrthanc keeps serving on {base_url} (Orthanc Explorer: "
@@ -325,7 +345,7 @@ def print_deliveries(base_url: str, jobs: list[dict], timeout: float) -> None:
     by: dict[tuple[str, str], int] = {}
     for d in mine:
         by[(d["destination"], d["state"])] = by.get((d["destination"], d["state"]), 0) + 1
-    print("\nSRs forwarded by C-STORE (AI.Forward): " + (", ".join(
+    print("\nSRs delivered (AI.Forward by C-STORE, AI.HL7 as ORU^R01): " + (", ".join(
         f"{n} {state} to {dest}" for (dest, state), n in sorted(by.items())) or "none"))
 
 
@@ -351,9 +371,13 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--config", default=default_config)
     validate = sub.add_parser("validate-model")
     validate.add_argument("folder")
+    from engine.audit.verify import add_parser as add_audit_parser
+    from engine.audit.verify import cmd_verify
+
+    add_audit_parser(sub)
     args = parser.parse_args(argv)
     handlers = {"serve": cmd_serve, "demo": cmd_demo, "check-config": cmd_check_config,
-                "validate-model": cmd_validate_model}
+                "validate-model": cmd_validate_model, "audit": cmd_verify}
     try:
         return handlers[args.command](args)
     except (ConfigError, RoutingError) as exc:

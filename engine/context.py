@@ -17,6 +17,8 @@ from inference.backend import Backend
 from inference.registry import Registry
 from inference.routing import Router
 
+from .audit import Audit
+from .audit import null as no_audit
 from .config import AIConfig
 from .ledger import Ledger
 from .metrics import WorkerMetrics
@@ -38,6 +40,7 @@ class Context:
     owner: str  # "node/pid": whose leases these are
     dimse: Any = None  # engine.dimse.OrthancDimse: C-FIND, C-MOVE, C-STORE through Orthanc
     clock: Callable[[], float] = time.time
+    audit: Audit = field(default_factory=no_audit)  # the IHE ATNA trail (engine/audit)
     ledger: Ledger = field(init=False)
 
     def __post_init__(self) -> None:

@@ -82,13 +82,43 @@ class DemoPacs:
         return {"AET": AET, "Host": "127.0.0.1", "Port": self.dicom_port}
 
 
-def demo_configuration(base: dict[str, Any], pacs: DemoPacs) -> dict[str, Any]:
-    """The user's configuration, with the demo PACS as priors source and destination."""
+def demo_configuration(base: dict[str, Any], pacs: DemoPacs, ris_port: int,
+                       audit_port: int) -> dict[str, Any]:
+    """The user's configuration, with the demo PACS as priors source and destination,
+    the demo RIS for HL7 results and the demo audit repository for the audit trail."""
     config = dict(base)
     config["DicomModalities"] = {**(base.get("DicomModalities") or {}), AET: pacs.modality()}
     ai = dict(base.get("AI") or {})
     ai.setdefault("Priors", {"Sources": [AET], "MaxAgeDays": 3650, "MaxPriors": 1,
                              "DeadlineSeconds": 60})
     ai.setdefault("Forward", {"Destinations": [AET]})
+    ai.setdefault("HL7", {"Host": "127.0.0.1", "Port": ris_port,
+                          "ReceivingApplication": "DEMO_RIS", "ReceivingFacility": "DEMO"})
+    ai.setdefault("Audit", {"Host": "127.0.0.1", "Port": audit_port, "Transport": "tcp"})
     config["AI"] = ai
     return config
+
+
+def describe_ris(ris: Any) -> list[str]:
+    """What the demo RIS received: one line per ORU^R01, its OBX findings."""
+    lines = []
+    for message in ris.received:
+        obx = [s for s in message if str(s[0]) == "OBX"]
+        findings = [f"{s[3][0][1]}={s[5][0][1] if str(s[2]) == 'CWE' else s[5]}"
+                    for s in obx if str(s[2]) in ("CWE", "NM")]
+        lines.append(f"  {message.segment('MSH')[9]} {message.segment('MSH')[10]}: "
+                     + "; ".join(findings))
+    return lines
+
+
+def describe_audit(receiver: Any) -> list[str]:
+    """What the demo audit repository received: messages counted by DICOM event."""
+    import xml.etree.ElementTree as ET
+
+    counts: dict[str, int] = {}
+    for message in receiver.parsed():
+        event = ET.fromstring(message.xml).find("EventIdentification/EventID")
+        name = "?" if event is None else \
+            f"{event.get('csd-code')} {event.get('originalText', '')}".strip()
+        counts[name] = counts.get(name, 0) + 1
+    return [f"  {name}: {n}" for name, n in sorted(counts.items())]

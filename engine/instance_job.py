@@ -43,6 +43,14 @@ def prepare(ctx: Context, card: ModelCard, stored: Stored) -> ModelInput:
         )
 
 
+def accessed(ctx: Context, ds, count: int, card: ModelCard) -> None:
+    """Audit: DICOM Instances Accessed, the pixels read for inference (once a job)."""
+    ctx.audit.instances_accessed(str(ds.get("StudyInstanceUID", "")),
+                                 str(ds.get("PatientID", "")),
+                                 {str(ds.get("SOPClassUID", "")): count},
+                                 description=f"read for inference by {card.id} {card.version}")
+
+
 def run(ctx: Context, cache: SeriesCache, pending: Sequence[tuple[Job, Stored | None]]) -> None:
     """Run claimed instance jobs; every one of them ends in a state."""
     prepared: dict[str, list[tuple[Job, Stored, ModelInput]]] = {}
@@ -51,6 +59,7 @@ def run(ctx: Context, cache: SeriesCache, pending: Sequence[tuple[Job, Stored | 
             card = card_for(ctx, job)
             if stored is None:
                 stored = fetch(ctx, locate(ctx, cache, job.instance), job.instance, job.created)
+            accessed(ctx, stored.dataset, 1, card)  # read, whether it decodes or not
             prepared.setdefault(card.id, []).append((job, stored, prepare(ctx, card, stored)))
     for model_id, items in prepared.items():
         card = ctx.registry.cards[model_id]

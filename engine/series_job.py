@@ -35,7 +35,7 @@ from inference.volume import (
 from . import priors
 from .context import Context
 from .fetch import Located, Stored, fetch
-from .instance_job import card_for, report
+from .instance_job import accessed, card_for, report
 from .stores import Job
 
 log = logging.getLogger("orthanc_ai")
@@ -89,6 +89,7 @@ def analyse(ctx: Context, job: Job, card: ModelCard) -> dict[str, Any]:
     features = card.metadata.features if card.metadata else ()
     acc = SeriesAccumulator()
     bad: list[str] = []
+    read: list[Any] = []  # the first slice's identifiers and how many were read (audit)
     batch_size = max(1, ctx.config.batch_size)
     slices = list(enumerate(ordered.slices))
     for start in range(0, len(slices), batch_size):
@@ -100,6 +101,10 @@ def analyse(ctx: Context, job: Job, card: ModelCard) -> dict[str, Any]:
                 located = Located({"FileSize": ref.file_size}, job.study or "", job.series,
                                   "")
                 stored = fetch(ctx, located, ref.instance, job.created)
+                if not read:  # its identifiers only: no slice is held for this
+                    read[:] = [{k: str(stored.dataset.get(k, "")) for k in
+                                ("StudyInstanceUID", "PatientID", "SOPClassUID")}, 0]
+                read[1] += 1
                 with ctx.stage("decode"):
                     prepared.append(prepare_ct_slice(
                         stored.dataset, canvas=(rows, cols),
@@ -121,6 +126,8 @@ def analyse(ctx: Context, job: Job, card: ModelCard) -> dict[str, Any]:
             else:
                 keep = None
             acc.add(index, raw.probability, area, ordered.slab_mm[index], keep)
+    if read:  # once for the series, not per slice
+        accessed(ctx, read[0], read[1], card)
     if len(bad) > MAX_BAD_SLICE_FRACTION * len(ordered.slices) or acc.n == 0:
         raise BadInput(f"{len(bad)} of {len(ordered.slices)} slices unusable: {bad[0]}")
     key: KeySlice = acc.best  # type: ignore[assignment]

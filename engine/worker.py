@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from inference.backend import HttpBackend, InProcessBackend
@@ -30,12 +31,15 @@ from inference.errors import TransientError
 from inference.registry import Registry
 
 from . import instance_job, priors, series_job
+from .audit import Audit
+from .audit import log_path as audit_log_path
 from .config import parse_ai_section
 from .context import Context
 from .dimse import OrthancDimse
 from .metrics import WorkerMetrics
-from .sinks import dicom_forward
+from .sinks import dicom_forward, hl7_oru
 from .sinks.dicom_forward import DicomForwardSink
+from .sinks.hl7_oru import Hl7OruSink
 from .sinks.orthanc_store import OrthancStoreSink
 from .source import OrthancClient
 from .stores import InboxKind, JobKind, JobState, open_store
@@ -86,6 +90,8 @@ class Worker:
                 self.run_priors(job)
             elif job.kind == JobKind.FORWARD:
                 dicom_forward.run(ctx, job)
+            elif job.kind == JobKind.HL7:
+                hl7_oru.run(ctx, job)
             elif job.kind == JobKind.RETENTION:
                 priors.run_retention(ctx, job)
             elif job.kind == JobKind.REVISE:
@@ -343,11 +349,17 @@ def build_context(boot: dict[str, Any]) -> Context:
         backend = HttpBackend(ai.model_server_url, timeout=ai.http_timeout_seconds)
     else:
         backend = InProcessBackend(intra_op_threads=ai.tensorflow_threads)
+    configuration = boot["configuration"]
+    # The plugin names the log (it resolves a relative StorageDirectory as Orthanc does).
+    audit = Audit.open(ai.audit, Path(boot.get("audit_log") or audit_log_path(
+        Path(configuration.get("StorageDirectory", "OrthancStorage")))),
+        source_id=boot["node"], aet=str(configuration.get("DicomAet") or "ORTHANC"))
     ctx = Context(config=ai, source=source, store=store, backend=backend, registry=registry,
                   router=router, sinks=[], metrics=WorkerMetrics(),
                   owner=f"{boot['node']}/{os.getpid()}",
-                  dimse=OrthancDimse(source, boot["configuration"]))
-    ctx.sinks = [OrthancStoreSink(source, store), DicomForwardSink(ctx)]
+                  dimse=OrthancDimse(source, configuration, audit=audit), audit=audit)
+    ctx.sinks = [OrthancStoreSink(source, store, audit), DicomForwardSink(ctx),
+                 Hl7OruSink(ctx)]
     return ctx
 
 
@@ -370,6 +382,10 @@ def load_models(ctx: Context) -> dict[str, Any]:
 def main() -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s worker %(process)d %(levelname)s %(message)s")
+    from .logsafe import make_safe  # tracebacks without values from DICOM files
+
+    for handler in logging.getLogger().handlers:
+        make_safe(handler)
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # one INFO line per module copied
     # pydicom warns about an invalid value by quoting it: patient data in a log.
     # Our SR builder checks every value it copies, and says what it changed.

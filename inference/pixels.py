@@ -36,11 +36,17 @@ _ENCAPSULATED_OK = {
 }
 
 
+# PS3.3 C.7.6.3.1.2 (and retired terms): colour photometric interpretations.
+_COLOUR_TERMS = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420",
+                 "YBR_ICT", "YBR_RCT", "PALETTE COLOR", "HSV", "ARGB", "CMYK", "XYB"}
+
+
 def frame_count(ds: Dataset) -> int:
     try:
         return max(1, int(ds.get("NumberOfFrames", 1) or 1))
     except (TypeError, ValueError) as exc:
-        raise BadInput(f"invalid NumberOfFrames {ds.get('NumberOfFrames')!r}") from exc
+        # Our words, never the value: a hostile file can put anything there.
+        raise BadInput(f"NumberOfFrames is not a valid integer ({type(exc).__name__})") from exc
 
 
 def decoded_size(ds: Dataset) -> int:
@@ -48,13 +54,19 @@ def decoded_size(ds: Dataset) -> int:
 
     Raises BadInput when the image attributes needed are missing or absurd.
     """
+    keyword = "Rows"
     try:
         rows = int(ds.Rows)
+        keyword = "Columns"
         cols = int(ds.Columns)
+        keyword = "BitsAllocated"
         bits = int(ds.BitsAllocated)
+        keyword = "SamplesPerPixel"
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
     except (AttributeError, TypeError, ValueError) as exc:
-        raise BadInput(f"image pixel module incomplete or invalid: {exc}") from exc
+        # The keyword, never the exception's text: it may quote the value.
+        raise BadInput(f"image pixel module incomplete or invalid: {keyword} "
+                       f"({type(exc).__name__})") from exc
     if rows <= 0 or cols <= 0 or bits not in (1, 8, 16, 32, 64) or samples not in (1, 3):
         raise BadInput(
             f"invalid image geometry Rows={rows} Columns={cols} "
@@ -79,7 +91,10 @@ def check_decodable(ds: Dataset, max_pixel_bytes: int = DEFAULT_MAX_PIXEL_BYTES)
         )
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     if photometric not in MONOCHROME:
-        shown = photometric or "no PhotometricInterpretation"
+        # A defined term is shown; anything else is the file's text: not quoted.
+        shown = photometric if photometric in _COLOUR_TERMS else (
+            "an unrecognised PhotometricInterpretation" if photometric
+            else "no PhotometricInterpretation")
         raise SkipInput(f"colour image ({shown}) not supported")
     tsuid = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if tsuid is not None and tsuid.is_compressed and tsuid not in _ENCAPSULATED_OK:
@@ -106,8 +121,11 @@ def decode_frame(
     except Exception as exc:  # codecs raise anything from ValueError to RuntimeError
         arr = _decode_with_dcmtk(ds, index if n > 1 else None)
         if arr is None:
-            message = str(exc).replace("\n", " ")
-            raise BadInput(f"pixel data cannot be decoded: {message}") from exc
+            # A codec's message may quote header values: name the codec's
+            # exception type and the transfer syntax only.
+            tsuid = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+            raise BadInput(f"pixel data cannot be decoded ({type(exc).__name__}, transfer "
+                           f"syntax {tsuid or 'missing'})") from exc
     if arr.ndim != 2:
         raise BadInput(f"decoded frame has shape {arr.shape}, expected (rows, columns)")
     return _fix_bits_stored(arr, ds)
@@ -190,7 +208,7 @@ def to_presentation(stored: np.ndarray, ds: Dataset) -> tuple[np.ndarray, np.nda
     try:
         modality = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
     except Exception as exc:
-        raise BadInput(f"Modality LUT cannot be applied: {exc}") from exc
+        raise BadInput(f"Modality LUT cannot be applied ({type(exc).__name__})") from exc
     display = _apply_voi(modality, ds, valid)
     if str(ds.PhotometricInterpretation).strip() == "MONOCHROME1":
         display = 1.0 - display
@@ -211,7 +229,7 @@ def _apply_voi(x: np.ndarray, ds: Dataset, valid: np.ndarray) -> np.ndarray:
             lut = np.asarray(apply_voi(x, ds, index=0), dtype=np.float32)
             data = np.asarray(ds.VOILUTSequence[0].LUTData, dtype=np.float32)
         except Exception as exc:
-            raise BadInput(f"VOI LUT cannot be applied: {exc}") from exc
+            raise BadInput(f"VOI LUT cannot be applied ({type(exc).__name__})") from exc
         lo, hi = float(data.min()), float(data.max())
         return np.clip((lut - lo) / (hi - lo if hi > lo else 1.0), 0.0, 1.0)
     center = width = None

@@ -21,10 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import orthanc
-from engine.config import AIConfig, check_peers, parse_ai_section
+from engine.audit import Audit
+from engine.audit import log_path as audit_log_path
+from engine.audit import set_current as set_current_audit
+from engine.config import AIConfig, ConfigError, check_peers, parse_ai_section
+from engine.logsafe import SafeFormatter
 from engine.stores import InboxKind, JobStore, open_store
 from inference.registry import Registry
 
+from . import access
 from .routes import Api
 from .supervisor import Supervisor
 
@@ -79,6 +84,10 @@ class Plugin:
         ai.router(self.registry.cards)  # a wrong rule raises: the plugin fails loudly
         self.http_port = int(config.get("HttpPort", 8042))
         self.node = ai.node_name or f"{socket.gethostname()}:{self.http_port}"
+        # The audit trail (IHE ATNA): this process' records and its syslog sender.
+        self.audit = Audit.open(ai.audit, audit_log_path(storage), source_id=self.node,
+                                aet=str(config.get("DicomAet") or "ORTHANC"))
+        set_current_audit(self.audit)  # for the HTTP filter's security alerts
         scheme = "https" if config.get("SslEnabled") else "http"
         self.base_url = f"{scheme}://127.0.0.1:{self.http_port}"
         self.metrics_dir = self.work_dir / f"metrics-{os.getpid()}"
@@ -118,7 +127,7 @@ class Plugin:
         self.metrics_dir.mkdir(parents=True, exist_ok=True)
         boot = {"configuration": self.config, "orthanc_url": self.base_url, "token": token,
                 "node": self.node, "store": str(self.store_location),
-                "model_server_url": model_server_url}
+                "model_server_url": model_server_url, "audit_log": str(self.audit.log.path)}
         env = dict(os.environ)
         env.update({
             "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
@@ -131,6 +140,7 @@ class Plugin:
                                      idle=self.ai.worker_scheduling == "idle",
                                      on_death=self.store.release_owner)
         self.supervisor.start()
+        self.audit.application(True, launcher=_os_user())
 
     def stop(self) -> None:
         self._closing.set()
@@ -140,6 +150,8 @@ class Plugin:
             self.supervisor.stop()
         if self.model_server is not None:
             self.model_server.terminate()
+        self.audit.application(False, launcher=_os_user())
+        self.audit.close(flush_seconds=min(5.0, self.ai.audit.timeout_seconds))
 
     # -- callbacks: quick, never raising -----------------------------------------
 
@@ -195,6 +207,27 @@ class Plugin:
                 "max_us": round(costs[-1] / 1000, 1)}
 
 
+def _os_user() -> str:
+    try:
+        import getpass
+
+        return getpass.getuser()
+    except Exception:  # no user name for this uid
+        return str(os.getuid())
+
+
+def _audit_config_error(config: dict[str, Any], exc: Exception) -> None:
+    """A configuration the plugin refuses is a Security Alert, in the local log
+    (shipped by the next start that has a valid AI.Audit)."""
+    try:
+        Audit.open(None, audit_log_path(_storage_directory(config)), forward=False,
+                   source_id=str(config.get("Name") or socket.gethostname()),
+                   aet=str(config.get("DicomAet") or "ORTHANC")).security_alert(
+            "software-configuration", "orthanc.json#AI", str(exc), outcome=8)
+    except Exception:  # the plugin fails loudly all the same
+        pass
+
+
 def _fast_options(location: Any) -> dict[str, Any]:
     return {"fast_enqueue": True, "busy_timeout": 2.0}
 
@@ -248,15 +281,19 @@ def install() -> None:
     """Called once by the entry script while Orthanc loads plugins."""
     global _plugin
     handler = _OrthancLogHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(SafeFormatter("%(message)s"))  # tracebacks: no DICOM values
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
 
     config = json.loads(orthanc.GetConfiguration())
     # A wrong AI section raises here: the plugin fails to load, loudly.
-    ai = parse_ai_section(config.get("AI"))
-    check_peers(ai, config)
+    try:
+        ai = parse_ai_section(config.get("AI"))
+        check_peers(ai, config)
+    except ConfigError as exc:
+        _audit_config_error(config, exc)
+        raise
     if not ai.enabled:
         log.warning("orthanc-ai: disabled by AI.Enabled = false")
         return
@@ -265,6 +302,15 @@ def install() -> None:
     orthanc.RegisterOnChangeCallback(_on_change)
     for pattern, method, fn in Api(_plugin).routes():
         orthanc.RegisterRestCallback(pattern, _rest_handler(method, fn))
+    if access.authentication_enabled(config):
+        # Only AI.Administrators may call the /ai routes that change anything.
+        orthanc.RegisterIncomingHttpRequestFilter(access.make_filter(ai.administrators))
+        if not ai.administrators:
+            log.warning("orthanc-ai: AI.Administrators is empty: no user may retry or "
+                        "reprocess")
+    elif ai.administrators:
+        log.warning("orthanc-ai: AI.Administrators is not enforced: Orthanc's "
+                    "authentication is off")
     log.warning("orthanc-ai: node %s, %d model(s) %s, %d worker process(es), queue %s",
                 _plugin.node, len(_plugin.registry.cards), sorted(_plugin.registry.cards),
                 ai.workers, _plugin.store.url)

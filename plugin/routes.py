@@ -120,14 +120,20 @@ class Api:
         return filters
 
     def list_deliveries(self, query: Mapping[str, str]) -> Response:
-        """Forwarded SRs: one entry per (destination, SR), with its delivery state."""
+        """Delivered SRs: one entry per (destination, SR), with its delivery state; C-STORE
+        forwards (kind "forward") and HL7 ORU messages (kind "hl7"), by id."""
+        kinds = (JobKind.FORWARD.value, JobKind.HL7.value)
         try:
-            if "kind" in query:
-                raise BadRequest("unknown parameter(s): kind")
+            kind = query.get("kind")
+            if kind is not None and kind not in kinds:
+                raise BadRequest(f"kind must be one of {', '.join(kinds)}")
             filters = self._job_filters({**query, "kind": JobKind.FORWARD.value})
         except BadRequest as exc:
             return _error(400, str(exc))
-        return _json(200, deliveries(self.plugin.store.list(**filters)))
+        jobs = [job for k in ((kind,) if kind else kinds)
+                for job in self.plugin.store.list(**{**filters, "kind": k})]
+        jobs.sort(key=lambda job: job.id)
+        return _json(200, deliveries(jobs[:filters["limit"]]))
 
     def get_job(self, query: Mapping[str, str], job_id: str) -> Response:
         try:
@@ -139,8 +145,9 @@ class Api:
         described = job.as_json()
         sr = (job.result or {}).get("sr_instance")
         if job.kind == JobKind.ANALYSIS and sr:
-            forwarded = self.plugin.store.list(kind=JobKind.FORWARD.value, instance=sr)
-            described["deliveries"] = deliveries(forwarded)
+            sent = [j for k in (JobKind.FORWARD.value, JobKind.HL7.value)
+                    for j in self.plugin.store.list(kind=k, instance=sr)]
+            described["deliveries"] = deliveries(sorted(sent, key=lambda j: j.id))
         return _json(200, described)
 
     def retry_job(self, query: Mapping[str, str], job_id: str) -> Response:

@@ -29,7 +29,8 @@ class OrthancAI:
     """``orthanc-ai serve`` as a child process, with helpers to feed and inspect it."""
 
     def __init__(self, data: Path, *, config: Path | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None,
+                 auth: tuple[str, str] | None = None) -> None:
         self.data = data
         self.config = config
         self.env = env or {}
@@ -39,6 +40,7 @@ class OrthancAI:
         self.proc: subprocess.Popen | None = None
         self.http = requests.Session()
         self.http.trust_env = False
+        self.http.auth = auth  # with Orthanc's authentication on: the helpers' user
 
     # -- life cycle ------------------------------------------------------------
 

@@ -24,7 +24,8 @@ class StrictOrthanc(types.ModuleType):
         "ChangeType", "GetConfiguration", "GetConfigurationPath",
         "GenerateRestApiAuthorizationToken",
         "RegisterOnStoredInstanceCallback", "RegisterOnChangeCallback",
-        "RegisterRestCallback", "LogInfo", "LogWarning", "LogError",
+        "RegisterRestCallback", "RegisterIncomingHttpRequestFilter",
+        "LogInfo", "LogWarning", "LogError",
     }
 
     def __init__(self, configuration: dict[str, Any], path: str = "/etc/orthanc") -> None:
@@ -35,6 +36,7 @@ class StrictOrthanc(types.ModuleType):
         self.stored_callbacks: list = []
         self.change_callbacks: list = []
         self.rest_callbacks: dict[str, Any] = {}
+        self.http_filters: list = []
         self.logs: list[tuple[str, str]] = []
 
     def __getattr__(self, name: str) -> Any:
@@ -57,6 +59,9 @@ class StrictOrthanc(types.ModuleType):
 
     def RegisterRestCallback(self, pattern: str, cb) -> None:  # noqa: N802
         self.rest_callbacks[pattern] = cb
+
+    def RegisterIncomingHttpRequestFilter(self, cb) -> None:  # noqa: N802
+        self.http_filters.append(cb)
 
     def LogInfo(self, message: str) -> None:  # noqa: N802
         self.logs.append(("info", message))

@@ -25,4 +25,8 @@ def test_demo_prints_a_finding_for_every_demo_image(tmp_path):
     compared = [line for line in proc.stdout.splitlines() if " since 20" in line]
     assert len(compared) >= 2 and all("prior from DEMO_PACS" in line for line in compared)
     assert "done to DEMO_PACS" in proc.stdout  # every SR forwarded
+    ris = [line for line in proc.stdout.splitlines() if "ORU^R01^ORU_R01" in line]
+    assert len(ris) == len(rows) and all("Probability=0." in line for line in ris)
+    assert "110100 Application Activity" in proc.stdout  # the audit repository's count
+    assert "110103 DICOM Instances Accessed" in proc.stdout
     assert not list(tmp_path.glob("demo/orthanc-db/*.lock"))
