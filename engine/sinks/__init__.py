@@ -32,6 +32,16 @@ class Report:
     instance: str | None  # Orthanc ID of the source instance; None for a volume
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def sr_instance(self) -> str:
+        """The SR's Orthanc ID: as the store sink answered, else as Orthanc computes it."""
+        from ..source import orthanc_instance_id
+
+        sr = self.sr
+        return self.extra.get("sr_instance") or orthanc_instance_id(
+            str(sr.get("PatientID", "")), str(sr.StudyInstanceUID), str(sr.SeriesInstanceUID),
+            str(sr.SOPInstanceUID))
+
 
 class ResultSink(Protocol):
     """A destination for reports; raises ``JobOutcome`` errors like any stage."""

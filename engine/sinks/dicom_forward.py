@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from inference.errors import SkipInput
 
 from ..deliveries import destination_of, forward_key
-from ..source import InstanceGone, orthanc_instance_id
+from ..source import InstanceGone
 from ..stores import Job, JobKind, NewJob
 from ..stores.base import iso
 from . import Report
@@ -44,9 +44,7 @@ class DicomForwardSink:
         if is_prior(self.ctx, report.study):
             return {"forward": "not forwarded: a prior fetched for comparison"}
         sr = report.sr
-        sr_id = report.extra.get("sr_instance") or orthanc_instance_id(  # as stored
-            str(sr.get("PatientID", "")), str(sr.StudyInstanceUID), str(sr.SeriesInstanceUID),
-            str(sr.SOPInstanceUID))
+        sr_id = report.sr_instance
         queued = {}
         for destination in destinations:
             key = forward_key(destination, str(sr.SOPInstanceUID))

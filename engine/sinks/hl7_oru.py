@@ -47,7 +47,7 @@ from pydicom.dataset import Dataset
 from inference.errors import BadInput, SkipInput, TransientError
 
 from ..deliveries import hl7_control_id, hl7_destination_of, hl7_key
-from ..source import InstanceGone, orthanc_instance_id
+from ..source import InstanceGone
 from ..stores import Job, JobKind, NewJob
 from ..stores.base import iso
 from . import Report
@@ -111,9 +111,7 @@ class Hl7OruSink:
         if is_prior(self.ctx, report.study):
             return {"hl7": "not sent: a prior fetched for comparison"}
         sr = report.sr
-        sr_id = report.extra.get("sr_instance") or orthanc_instance_id(  # as stored
-            str(sr.get("PatientID", "")), str(sr.StudyInstanceUID), str(sr.SeriesInstanceUID),
-            str(sr.SOPInstanceUID))
+        sr_id = report.sr_instance
         job = self.ctx.ledger.record(NewJob(
             sr_id, report.study, report.series, model=report.card.id,
             version=report.card.version, kind=JobKind.HL7,
