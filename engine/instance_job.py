@@ -13,7 +13,7 @@ from inference.backend import batch_of
 from inference.card import ModelCard
 from inference.errors import BadInput
 from inference.postprocess import Finding, to_finding
-from inference.preprocess import ModelInput, prepare_radiograph
+from inference.preprocess import ModelInput, radiograph_input
 from inference.report import build_sr, sr_uids
 from inference.uids import derived_uid
 
@@ -32,15 +32,8 @@ def card_for(ctx: Context, job: Job) -> ModelCard:
 
 
 def prepare(ctx: Context, card: ModelCard, stored: Stored) -> ModelInput:
-    rows, cols, _ = card.image.shape
     with ctx.stage("decode"):
-        return prepare_radiograph(
-            stored.dataset,
-            canvas=(rows, cols),
-            target_mm=card.image.pixel_spacing_mm,
-            feature_names=card.metadata.features if card.metadata else (),
-            max_pixel_bytes=ctx.config.max_pixel_bytes,
-        )
+        return radiograph_input(card, stored.dataset, max_pixel_bytes=ctx.config.max_pixel_bytes)
 
 
 def accessed(ctx: Context, ds, count: int, card: ModelCard) -> None:

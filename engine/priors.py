@@ -406,7 +406,7 @@ class Compared:
     @property
     def awaited(self) -> bool:
         """A revised SR may follow."""
-        return bool(self.info) and self.info.get("state") in ("pending", "unavailable")
+        return awaits({"comparison": self.info})
 
 
 NOTHING = Compared()

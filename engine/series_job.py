@@ -19,7 +19,7 @@ import pydicom
 from inference.backend import RawOutput, batch_of
 from inference.card import ModelCard
 from inference.errors import BadInput, JobOutcome, SkipInput
-from inference.preprocess import Geometry, prepare_ct_slice
+from inference.preprocess import Geometry, ct_slice_input
 from inference.report import sr_uids
 from inference.uids import derived_uid
 from inference.volume import (
@@ -84,9 +84,6 @@ def analyse(ctx: Context, job: Job, card: ModelCard) -> dict[str, Any]:
     ordered = list_slices(ctx, job.series)
     if series_key(job.series, ordered.fingerprint, card) != job.key:
         raise SkipInput("the series changed before this job ran; its new version is analysed")
-    rows, cols, _ = card.image.shape
-    windows = card.image.windows or ((40.0, 80.0),)
-    features = card.metadata.features if card.metadata else ()
     acc = SeriesAccumulator()
     bad: list[str] = []
     read: list[Any] = []  # the first slice's identifiers and how many were read (audit)
@@ -106,11 +103,8 @@ def analyse(ctx: Context, job: Job, card: ModelCard) -> dict[str, Any]:
                                 ("StudyInstanceUID", "PatientID", "SOPClassUID")}, 0]
                 read[1] += 1
                 with ctx.stage("decode"):
-                    prepared.append(prepare_ct_slice(
-                        stored.dataset, canvas=(rows, cols),
-                        target_mm=card.image.pixel_spacing_mm, windows=windows,
-                        feature_names=features, max_pixel_bytes=ctx.config.max_pixel_bytes,
-                    ))
+                    prepared.append(ct_slice_input(
+                        card, stored.dataset, max_pixel_bytes=ctx.config.max_pixel_bytes))
                 chunk.append((index, stored.dataset))
             except (BadInput, SkipInput) as exc:
                 bad.append(f"slice {index + 1}: {exc.reason}")

@@ -9,6 +9,7 @@ pixels back to the source image so that findings land where they belong.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -16,6 +17,9 @@ from pydicom.dataset import Dataset
 
 from .features import FEATURE_NEEDS, Metadata, extract_metadata, feature_vector
 from .pixels import DEFAULT_MAX_PIXEL_BYTES, decode_frame, padding_mask, to_presentation
+
+if TYPE_CHECKING:
+    from .card import ModelCard
 
 
 @dataclass(frozen=True)
@@ -163,3 +167,20 @@ def prepare_radiograph(
     display, _ = to_presentation(stored, ds)
     image = fit_canvas(display, meta.pixel_spacing_mm, target_mm, canvas)
     return _model_input(image, meta, feature_names)
+
+
+def radiograph_input(card: ModelCard, ds: Dataset, *, max_pixel_bytes: int) -> ModelInput:
+    """A radiograph prepared as ``card`` takes it (its canvas, spacing, features)."""
+    rows, cols, _ = card.image.shape
+    return prepare_radiograph(ds, canvas=(rows, cols), target_mm=card.image.pixel_spacing_mm,
+                              feature_names=card.metadata.features if card.metadata else (),
+                              max_pixel_bytes=max_pixel_bytes)
+
+
+def ct_slice_input(card: ModelCard, ds: Dataset, *, max_pixel_bytes: int) -> ModelInput:
+    """One CT slice prepared as ``card`` takes it (its windows; soft tissue by default)."""
+    rows, cols, _ = card.image.shape
+    return prepare_ct_slice(ds, canvas=(rows, cols), target_mm=card.image.pixel_spacing_mm,
+                            windows=card.image.windows or ((40.0, 80.0),),
+                            feature_names=card.metadata.features if card.metadata else (),
+                            max_pixel_bytes=max_pixel_bytes)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,15 +13,11 @@ from typing import Any
 
 import requests
 
+from engine.demo import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 ORTHANC_AI = str(Path(sys.executable).parent / "orthanc-ai")
 STORESCU = "/usr/bin/storescu"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class OrthancAI:

@@ -60,7 +60,7 @@ from inference.backend import InProcessBackend, batch_of
 from inference.card import ModelCard
 from inference.interval import PriorFinding, compare, is_new_finding_alert
 from inference.postprocess import Finding, to_finding
-from inference.preprocess import ModelInput, prepare_ct_slice, prepare_radiograph
+from inference.preprocess import ModelInput, ct_slice_input, radiograph_input
 from inference.registry import Registry
 from inference.volume import (
     SeriesAccumulator,
@@ -241,27 +241,12 @@ def as_received(ds: Dataset) -> Dataset:
 
 def prepare_instance(card: ModelCard, ds: Dataset) -> ModelInput:
     """``engine.instance_job.prepare`` without its context."""
-    rows, cols, _ = card.image.shape
-    return prepare_radiograph(
-        ds,
-        canvas=(rows, cols),
-        target_mm=card.image.pixel_spacing_mm,
-        feature_names=card.metadata.features if card.metadata else (),
-        max_pixel_bytes=engine_defaults()[1],
-    )
+    return radiograph_input(card, ds, max_pixel_bytes=engine_defaults()[1])
 
 
 def prepare_slice(card: ModelCard, ds: Dataset) -> ModelInput:
     """The per-slice preprocessing of ``engine.series_job.analyse``."""
-    rows, cols, _ = card.image.shape
-    return prepare_ct_slice(
-        ds,
-        canvas=(rows, cols),
-        target_mm=card.image.pixel_spacing_mm,
-        windows=card.image.windows or ((40.0, 80.0),),
-        feature_names=card.metadata.features if card.metadata else (),
-        max_pixel_bytes=engine_defaults()[1],
-    )
+    return ct_slice_input(card, ds, max_pixel_bytes=engine_defaults()[1])
 
 
 def slice_ref(ds: Dataset, instance: str) -> SliceRef:

@@ -152,13 +152,14 @@ def _study(root: ET.Element, study: Study) -> None:
         ET.SubElement(el, "SOPClass", {"NumberOfInstances": str(int(study.instances))})
 
 
-def _patient(root: ET.Element, patient_id: str) -> None:
+def _patient(root: ET.Element, patient_id: str) -> ET.Element:
     el = ET.SubElement(root, "ParticipantObjectIdentification", {
         "ParticipantObjectID": patient_id or "-", "ParticipantObjectTypeCode": "1",
         "ParticipantObjectTypeCodeRole": "1"})
     ET.SubElement(el, "ParticipantObjectIDTypeCode", {
         "csd-code": ID_PATIENT[0], "codeSystemName": ID_PATIENT[2],
         "originalText": ID_PATIENT[1]})
+    return el
 
 
 def _objects(root: ET.Element, studies: Iterable[Study], patient_id: str | None) -> None:
@@ -249,12 +250,7 @@ def data_export(exporter: Participant, destination: Participant, source_id: str,
     _source(root, source_id)
     for s in studies:
         _study(root, s)
-    patient = ET.SubElement(root, "ParticipantObjectIdentification", {
-        "ParticipantObjectID": patient_id or "-", "ParticipantObjectTypeCode": "1",
-        "ParticipantObjectTypeCodeRole": "1"})
-    ET.SubElement(patient, "ParticipantObjectIDTypeCode", {
-        "csd-code": ID_PATIENT[0], "codeSystemName": ID_PATIENT[2],
-        "originalText": ID_PATIENT[1]})
+    patient = _patient(root, patient_id)
     for key, value in (detail or {}).items():
         ET.SubElement(patient, "ParticipantObjectDetail", {
             "type": key, "value": base64.b64encode(str(value).encode()).decode()})
