@@ -70,14 +70,18 @@ class Comparison:
     volume_difference_ml: float | None  # current - prior, when both measured
     prior_sr: PriorReference | None = None
 
-    def describe(self) -> str:
-        """One line a radiologist reads: "new since 2024-03-01 (probability 0.12 -> 0.81)"."""
+    def brief(self) -> str:
+        """The change in a few words: "new since 2024-03-01"."""
         date = self.prior_study_date
         when = f"{date[:4]}-{date[4:6]}-{date[6:8]}" if len(date) == 8 else "the prior study"
-        what = self.change.value
+        return f"{self.change.value} since {when}"
+
+    def describe(self) -> str:
+        """One line a radiologist reads: "new since 2024-03-01 (probability 0.12 -> 0.81)"."""
+        what, since = self.brief().split(" since ", 1)
         if self.change == Change.UNCHANGED:
             what += " (present in both)" if self.prior.positive else " (absent in both)"
-        text = (f"{what} since {when} (probability "
+        text = (f"{what} since {since} (probability "
                 f"{self.prior.probability:.2f} -> "
                 f"{self.prior.probability + self.probability_difference:.2f}")
         if self.volume_difference_ml is not None:

@@ -10,6 +10,7 @@ import numpy as np
 from .backend import RawOutput
 from .card import ModelCard
 from .preprocess import Geometry
+from .words import finding_words
 
 
 @dataclass(frozen=True)
@@ -91,3 +92,10 @@ def to_finding(card: ModelCard, raw: RawOutput, geometry: Geometry) -> Finding:
         if sr1 > sr0 and sc1 > sc0:
             region = Region(sr0, sc0, sr1, sc1)
     return Finding(prob, card.threshold, region)
+
+
+
+def describe(finding_name: str, finding: Finding, change: str | None = None) -> str:
+    """The finding in words (inference.words): "Fracture present, probability 0.63"."""
+    volume = finding.volume_ml if finding.positive else None
+    return finding_words(finding_name, finding.positive, finding.probability, volume, change)

@@ -100,7 +100,7 @@ from pydicom.valuerep import (
 from .card import Code, ModelCard
 from .errors import BadInput, JobOutcome
 from .interval import Change, Comparison
-from .postprocess import Finding, Region
+from .postprocess import Finding, Region, describe
 from .uids import derived_uid
 
 log = logging.getLogger(__name__)
@@ -661,6 +661,16 @@ def _sanitised_header(source: Dataset, own_texts: Sequence[str]) -> tuple[Datase
     return header, notes
 
 
+def source_header(source: Dataset, own_texts: Sequence[str] = ()) -> Dataset:
+    """The source's attributes as the SR copies them, each valid, for other objects
+    that reference the source the same way (inference.presentation).
+
+    ``own_texts`` are the texts the new object adds (for its character set).
+    Raises BadInput where the source cannot be referenced, as build_sr does.
+    """
+    return _sanitised_header(source, [MANUFACTURER, *own_texts])[0]
+
+
 # --------------------------------------------------------------------------
 # What both builds start from.
 
@@ -794,8 +804,20 @@ def _measurement_report(card: ModelCard, findings: Sequence[Finding],
                         tracking_uids: Sequence[str], procedure: CodedConcept,
                         library: Dataset | None,
                         comparisons: Sequence[Comparison | None] | None = None,
+                        comments: Sequence[str] | None = None,
                         ) -> hd.sr.MeasurementReport:
-    """The TID 1500 content, built by highdicom (for a real image or with placeholders)."""
+    """The TID 1500 content, built by highdicom (for a real image or with placeholders).
+
+    Two additions are for viewers, OHIF 3.13 among them. Each group has a
+    Comment (TEXT) with the finding in words, which OHIF takes as the
+    measurement's label. A located finding's Image Region is also given
+    under its first NUM as INFERRED FROM (TID 300's coordinates of the
+    measurement): OHIF's TID 1500 import looks for it only there, and without it
+    the region cannot be loaded into the measurement panel.
+    """
+    if comments is None:
+        comments = [finding_words(card, finding, comparisons[i] if comparisons else None)
+                    for i, finding in enumerate(findings)]
     algorithm = hd.sr.AlgorithmIdentification(
         name=card.name, version=card.version, parameters=parameters, manufacturer=MANUFACTURER
     )
@@ -816,6 +838,8 @@ def _measurement_report(card: ModelCard, findings: Sequence[Finding],
             uid=tracking_uids[index - 1],
             identifier=f"{card.id} finding {index}",
         )
+        located = finding.positive and finding.region is not None
+        graphic = np.asarray(finding.region.polyline(), dtype=np.float64) if located else None
         measurements = [hd.sr.Measurement(
             name=PROBABILITY,
             value=round(float(finding.probability), 6),
@@ -835,10 +859,10 @@ def _measurement_report(card: ModelCard, findings: Sequence[Finding],
         comparison = comparisons[index - 1] if comparisons else None
         if comparison is not None:
             evaluations.append(_qualitative_difference(comparison))
-        if finding.positive and finding.region is not None:
+        if located:
             region = hd.sr.ImageRegion(
                 graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-                graphic_data=np.asarray(finding.region.polyline(), dtype=np.float64),
+                graphic_data=graphic,
                 source_image=hd.sr.SourceImageForRegion(sop_class, src_uid),
             )
             groups.append(
@@ -864,12 +888,27 @@ def _measurement_report(card: ModelCard, findings: Sequence[Finding],
                     source_images=[hd.sr.SourceImageForMeasurementGroup(sop_class, src_uid)],
                 )
             )
+        content = groups[-1][0].ContentSequence
+        if located:
+            # TID 1419 is extensible; highdicom's constructor refuses coordinates there.
+            probability = next(item for item in content if item.ValueType == "NUM")
+            probability.ContentSequence.append(hd.sr.CoordinatesForMeasurement(
+                graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=graphic,
+                source_image=hd.sr.SourceImageForRegion(sop_class, src_uid)))
+        content.append(hd.sr.TextContentItem(
+            name=COMMENT, value=comments[index - 1],
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     return hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=procedure,
         imaging_measurements=groups,
         referenced_images=[library] if library is not None else None,
     )
+
+
+def finding_words(card: ModelCard, finding: Finding, comparison: Comparison | None = None) -> str:
+    """The finding in words ("Fracture present, probability 0.63"), with its interval change."""
+    return describe(card.finding.meaning, finding, comparison.brief() if comparison else None)
 
 
 def _series_description(card: ModelCard) -> str:
@@ -944,6 +983,10 @@ def _ph_tracking(index: int) -> str:
 
 def _ph_parameter(index: int) -> str:
     return f"@@orthanc-ai parameter {index}@@"
+
+
+def _ph_comment(index: int) -> str:
+    return f"@@orthanc-ai comment {index}@@"
 
 
 def _ph_probability(index: int) -> float:
@@ -1072,11 +1115,13 @@ def _make_template(card: ModelCard, sop_class: str, procedure: CodedConcept, n_p
     placeholder = _library_placeholder(library) if library is not None else None
     try:
         report = _measurement_report(card, findings, parameters, sop_class, _PH_SOURCE, tracking,
-                                     procedure, placeholder)
+                                     procedure, placeholder,
+                                     comments=[_ph_comment(i) for i in range(len(shapes))])
     except _BUILD_ERRORS:
         return None
     root = report[0]
     texts = {_ph_parameter(j): ("parameter", j) for j in range(n_parameters)}
+    texts.update({_ph_comment(i): ("comment", i) for i in range(len(shapes))})
     uids = {_ph_tracking(i): ("tracking", i) for i in range(len(shapes))}
     numbers: dict[float, tuple] = {}
     graphics = {}
@@ -1189,6 +1234,8 @@ def _slot_value(slot: tuple, card: ModelCard, findings: Sequence[Finding],
     kind = slot[0]
     if kind == "parameter":
         return prep.parameters[slot[1]]
+    if kind == "comment":
+        return finding_words(card, findings[slot[1]])
     if kind == "tracking":
         return _tracking_uid(prep.sop_uid, slot[1] + 1)
     if kind == "source":

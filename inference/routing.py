@@ -11,8 +11,8 @@ a rule that would send a model what it cannot take is refused at start-up.
 
 The whole skip policy lives here: objects without an image (by SOP class,
 before anything is downloaded), our own outputs (SOP class and
-Manufacturer: an SR we stored over REST has origin ``REST_API`` like any
-upload), the default exclusions, then the rules.
+Manufacturer: an SR, KOS or GSPS we stored over REST has origin ``REST_API``
+like any upload), the default exclusions, then the rules.
 """
 
 from __future__ import annotations
@@ -46,14 +46,15 @@ from .errors import SkipInput
 from .features import patient_age
 
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
-OWN_MANUFACTURER = "orthanc-ai"  # Manufacturer of every SR we write
-SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
+OWN_MANUFACTURER = "orthanc-ai"  # Manufacturer of every SR, KOS and GSPS we write
+SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."  # SRs, and the KOS (.88.59)
+PR_PREFIX = "1.2.840.10008.5.1.4.1.1.11."  # presentation states (our GSPS: .11.1)
 
 # SOP Class UID prefixes of objects without an image to analyse; they are
 # skipped from Orthanc's metadata alone, without downloading the file.
 _NON_IMAGE_PREFIXES = (
     SR_PREFIX,  # structured reports, key object selection
-    "1.2.840.10008.5.1.4.1.1.11.",  # presentation states
+    PR_PREFIX,  # presentation states
     "1.2.840.10008.5.1.4.1.1.104.",  # encapsulated PDF, CDA, STL, ...
     "1.2.840.10008.5.1.4.1.1.9.",  # waveforms (ECG, audio, ...)
     "1.2.840.10008.5.1.4.1.1.66",  # raw data, spatial registration, fiducials, seg
@@ -84,8 +85,9 @@ def non_image_reason(sop_class_uid: str) -> str | None:
 
 
 def may_be_own_output(sop_class_uid: str) -> bool:
-    """Only SRs can be ours; whether it is, its Manufacturer says."""
-    return sop_class_uid.startswith(SR_PREFIX)
+    """Only SRs, key object selections and presentation states can be ours (the SR
+    and its companions, inference.presentation); whether it is, its Manufacturer says."""
+    return sop_class_uid.startswith((SR_PREFIX, PR_PREFIX))
 
 
 def is_own_output(sop_class_uid: str, manufacturer: str | None) -> bool:

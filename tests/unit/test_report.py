@@ -161,11 +161,24 @@ def test_positive_finding_sr_is_valid_and_complete(card, source, tmp_path):
     assert "missing input: age" in params
     prob = [i for i in items if i.get("ValueType") == "NUM"]
     assert float(prob[0].MeasuredValueSequence[0].NumericValue) == pytest.approx(0.87)
-    scoord = [i for i in items if i.get("ValueType") == "SCOORD"]
-    assert len(scoord) == 1 and scoord[0].GraphicType == "POLYLINE"
-    assert list(scoord[0].GraphicData[:2]) == [200.0, 100.0]  # (column, row)
-    ref = scoord[0].ContentSequence[0].ReferencedSOPSequence[0]
+    group = back.ContentSequence[-1].ContentSequence[0]
+    region = [i for i in group.ContentSequence if i.get("ValueType") == "SCOORD"]
+    assert len(region) == 1 and region[0].GraphicType == "POLYLINE"
+    assert region[0].ConceptNameCodeSequence[0].CodeValue == "111030"  # Image Region
+    assert list(region[0].GraphicData[:2]) == [200.0, 100.0]  # (column, row)
+    ref = region[0].ContentSequence[0].ReferencedSOPSequence[0]
     assert ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
+    # The same region under the first NUM, where OHIF's TID 1500 import looks for it.
+    first_num = next(i for i in group.ContentSequence if i.get("ValueType") == "NUM")
+    under = [i for i in first_num.ContentSequence if i.get("ValueType") == "SCOORD"]
+    assert len(under) == 1 and under[0].RelationshipType == "INFERRED FROM"
+    assert list(under[0].GraphicData) == list(region[0].GraphicData)
+    assert under[0].ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == \
+        source.SOPInstanceUID
+    # The finding in words: OHIF's label for the measurement.
+    comments = [i.TextValue for i in group.ContentSequence if i.get("ValueType") == "TEXT"
+                and i.ConceptNameCodeSequence[0].CodeValue == "121106"]
+    assert comments == ["Fracture present, probability 0.87"]
     codes = {i.ConceptCodeSequence[0].CodeValue for i in items if i.get("ValueType") == "CODE"}
     assert {"72704001", "52101004", "66019005"} <= codes  # Fracture, Present, site
 
@@ -178,6 +191,8 @@ def test_negative_result_is_explicit(card, source, tmp_path):
     codes = {i.ConceptCodeSequence[0].CodeValue for i in items if i.get("ValueType") == "CODE"}
     assert "272519000" in codes  # Absent
     assert not [i for i in items if i.get("ValueType") == "SCOORD"]
+    assert "Fracture absent, probability 0.12" in [i.TextValue for i in items
+                                                   if i.get("ValueType") == "TEXT"]
     image_refs = [i for i in items if i.get("ValueType") == "IMAGE"]
     assert any(r.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
                for r in image_refs)
@@ -869,7 +884,12 @@ def test_interval_change_is_in_the_finding_group(card, dx, ct, priors, tmp_path,
     assert [p.ConceptCodeSequence[0].CodeValue for p in presence] == \
         ["52101004" if finding.positive else "272519000"]
     scoords = [i for i in _items(back) if i.get("ValueType") == "SCOORD"]
-    assert len(scoords) == (1 if finding.positive and finding.region is not None else 0)
+    # the group's Image Region, and the same under the Probability NUM
+    assert len(scoords) == (2 if finding.positive and finding.region is not None else 0)
+    words = [i.TextValue for i in group.ContentSequence if i.get("ValueType") == "TEXT"
+             and i.ConceptNameCodeSequence[0].CodeValue == "121106"]
+    assert len(words) == 1 and words[0].endswith("; " + comparison.brief())
+    assert " since 2024-03-01" in words[0] and "->" not in words[0]
     doc = hd.sr.srread(path)  # highdicom reads it back
     groups = doc.content.get_planar_roi_measurement_groups() + \
         doc.content.get_image_measurement_groups()
