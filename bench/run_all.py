@@ -686,8 +686,11 @@ def main(argv: list[str] | None = None) -> int:
     args.stream = args.stream or sizes[2]
     args.out.mkdir(parents=True, exist_ok=True)
     only = set(args.only or MEASURES)
+    # Without the GSPS and KOS of located findings: SRs are counted from Orthanc's
+    # statistics (instances less studies, sr_count), which companions would inflate.
     extra = {"Backend": args.backend, "ModelsDirectory": str(args.models.resolve()),
-             "Workers": args.workers, "WorkerScheduling": args.scheduling}
+             "Workers": args.workers, "WorkerScheduling": args.scheduling,
+             "PresentationStates": False}
     report: dict[str, Any] = {
         "backend": args.backend, "workers": args.workers, "scheduling": args.scheduling,
         "n_images": args.images,

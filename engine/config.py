@@ -162,11 +162,17 @@ class AIConfig(Section):
     routing: _Routing = Field(default_factory=_Routing)
     priors: _Priors = Field(default_factory=_Priors)
     forward: _Forward = Field(default_factory=_Forward)
+    # With each SR of a located finding, a GSPS drawing it and a KOS naming the
+    # key image (inference.presentation), for viewers that do not render SR.
+    presentation_states: StrictBool = True
     hl7: _HL7 = Field(default_factory=_HL7, alias="HL7")
     audit: _Audit = Field(default_factory=_Audit)
     # Users (Orthanc's RegisteredUsers) allowed the /ai routes that change
     # anything, when Orthanc's authentication is on.
     administrators: tuple[StrictStr, ...] = ()
+    # The OHIF viewer served at /ohif/ (`make ohif` installs it there); an
+    # empty value switches the viewer off.
+    ohif_directory: StrictStr = str(PROJECT_ROOT / "build" / "ohif" / "dist")
 
     @property
     def routing_rules(self) -> tuple[Rule, ...] | None:

@@ -11,17 +11,19 @@ from collections.abc import Sequence
 
 from inference.backend import batch_of
 from inference.card import ModelCard
-from inference.errors import BadInput
+from inference.errors import BadInput, JobOutcome
 from inference.postprocess import Finding, to_finding
 from inference.preprocess import ModelInput, radiograph_input
+from inference.presentation import build_companions, file_bytes
 from inference.report import build_sr, sr_uids
 from inference.uids import derived_uid
 
 from . import priors
 from .context import Context, sr_file
 from .fetch import SeriesCache, Stored, fetch, locate
-from .sinks import Report
+from .sinks import Companion, Report
 from .stores import Job
+from .summary import result_summary
 
 
 def card_for(ctx: Context, job: Job) -> ModelCard:
@@ -95,10 +97,14 @@ def report(ctx: Context, card: ModelCard, stored: Stored, finding: Finding, *,
         sr = build_sr(stored.dataset, card, [finding], missing_inputs=missing, notes=sr_notes,
                       uids=uids, predecessor=predecessor, **extra)
         data = sr_file(sr)
+        made, not_made = companions(ctx, card, stored, finding, sr, extra.get("comparisons"))
     delivered = ctx.deliver(Report(card, stored.dataset, sr, data, (finding,), stored.study,
-                                   stored.series, instance or stored.instance))
+                                   stored.series, instance or stored.instance,
+                                   companions=made))
+    if not_made:
+        delivered["companions_not_made"] = not_made
     region = finding.region
-    return {
+    result = {
         "finding": card.finding.meaning,
         "probability": round(finding.probability, 6),
         "positive": finding.positive,
@@ -110,5 +116,22 @@ def report(ctx: Context, card: ModelCard, stored: Stored, finding: Finding, *,
         "sr_sop_instance_uid": str(sr.SOPInstanceUID),
         "sr_series_instance_uid": str(sr.SeriesInstanceUID),
         "comparison": compared.info,
+        # For the study's links (OHIF opens a study by its UID, not by Orthanc's ID).
+        "study_instance_uid": str(stored.dataset.get("StudyInstanceUID", "")),
         **delivered,
     }
+    result["summary"] = result_summary({**result, "volume_ml": finding.volume_ml})
+    return result
+
+
+def companions(ctx: Context, card: ModelCard, stored: Stored, finding: Finding, sr,
+               comparisons=None) -> tuple[tuple[Companion, ...], str | None]:
+    """The GSPS and KOS that show a located finding in any viewer (AI.PresentationStates),
+    and why there are none where they cannot be made: the SR stands without them."""
+    if not ctx.config.presentation_states:
+        return (), None
+    try:
+        made = build_companions(stored.dataset, card, [finding], sr, comparisons=comparisons)
+    except JobOutcome as exc:
+        return (), exc.reason
+    return tuple(Companion(ds, file_bytes(ds)) for ds in made), None

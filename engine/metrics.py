@@ -74,3 +74,56 @@ def render(folder: Path, counts: Callable[..., dict[str, int]], inbox: Callable[
         MultiProcessCollector(registry, path=str(folder))
     registry.register(_State())
     return generate_latest(registry)
+
+
+def _quantile(buckets: list[tuple[float, float]], count: float, q: float) -> float | None:
+    """The upper bound of the bucket holding the ``q`` quantile (what a histogram
+    can tell; None past its last finite bucket)."""
+    for bound, cumulative in buckets:
+        if cumulative >= q * count:
+            return None if bound == float("inf") else bound
+    return None
+
+
+def latency_summary(folder: Path) -> dict[str, Any]:
+    """The workers' latency histograms, summed over processes, for a person to read:
+    per stage and end to end, ``count``, ``mean_s``, ``p50_s`` and ``p95_s`` (bucket
+    upper bounds), and the jobs finished by state."""
+    out: dict[str, Any] = {"stages": {}, "end_to_end": None, "finished": {}}
+    if not folder.is_dir():
+        return out
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(folder))
+    histograms: dict[tuple[str, str], dict[str, Any]] = {}
+    for family in registry.collect():
+        for sample in family.samples:
+            if family.name == "orthanc_ai_jobs_finished" and sample.name.endswith("_total"):
+                state = sample.labels.get("state", "")
+                out["finished"][state] = out["finished"].get(state, 0) + int(sample.value)
+                continue
+            if family.name not in ("orthanc_ai_stage_seconds", "orthanc_ai_end_to_end_seconds"):
+                continue
+            h = histograms.setdefault((family.name, sample.labels.get("stage", "")),
+                                      {"buckets": [], "count": 0.0, "sum": 0.0})
+            if sample.name.endswith("_bucket"):
+                h["buckets"].append((float(sample.labels["le"]), sample.value))
+            elif sample.name.endswith("_count"):
+                h["count"] = sample.value
+            elif sample.name.endswith("_sum"):
+                h["sum"] = sample.value
+    for (name, stage), h in histograms.items():
+        count = h["count"]
+        if not count:
+            continue
+        buckets = sorted(h["buckets"])
+        described = {"count": int(count), "mean_s": round(h["sum"] / count, 4),
+                     "p50_s": _quantile(buckets, count, 0.5),
+                     "p95_s": _quantile(buckets, count, 0.95)}
+        if name == "orthanc_ai_end_to_end_seconds":
+            out["end_to_end"] = described
+        else:
+            out["stages"][stage] = described
+    return out

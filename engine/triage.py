@@ -1,7 +1,8 @@
 """Triage: which jobs exist for an inbox item. It decides and never runs them.
 
 Whatever happens, an instance ends with a job in a visible state, except
-our own SRs and the slices of a volume, whose series job reports on them.
+our own SRs (and their GSPS and KOS) and the slices of a volume, whose series
+job reports on them.
 Triage is idempotent: an item seen before (a resend, a replayed change)
 creates nothing new.
 """

@@ -151,6 +151,17 @@ class OrthancAI:
             time.sleep(0.25)
 
 
+def outputs(jobs: Iterable[dict[str, Any]]) -> int:
+    """Instances that these done analyses stored: one SR each, and for a located
+    finding its GSPS and KOS (AI.PresentationStates, on by default)."""
+    count = 0
+    for job in jobs:
+        result = job.get("result") or {}
+        if job.get("model") and job.get("state") == "done":
+            count += 1 + (2 if result.get("positive") and result.get("region") else 0)
+    return count
+
+
 def write_config(path: Path, **ai: Any) -> Path:
     """The project's orthanc.json with AI keys changed, for tests and benchmarks."""
     import json

@@ -4,7 +4,8 @@ The pipeline hands every finished report to each sink in order and merges
 what a sink returns into the job's result; it knows nothing else about
 them. Storing the SR back into Orthanc is the first sink; forwarding by
 C-STORE (``dicom_forward.py``) the second; HL7 ORU and the audit trail
-plug in beside them.
+plug in beside them. A report's companions (the GSPS and KOS that show its
+finding in any viewer) are stored and forwarded with its SR.
 """
 
 from __future__ import annotations
@@ -16,6 +17,15 @@ from pydicom.dataset import Dataset
 
 from inference.card import ModelCard
 from inference.postprocess import Finding
+
+
+@dataclass(frozen=True)
+class Companion:
+    """An object that shows the SR's finding where the SR is not rendered: a GSPS or a
+    KOS (inference.presentation), stored and forwarded with the SR."""
+
+    dataset: Dataset
+    data: bytes  # as a DICOM file (Part 10)
 
 
 @dataclass(frozen=True)
@@ -31,6 +41,7 @@ class Report:
     series: str | None  # Orthanc ID of the source series
     instance: str | None  # Orthanc ID of the source instance; None for a volume
     extra: dict[str, Any] = field(default_factory=dict)
+    companions: tuple[Companion, ...] = ()  # stored after the SR, in this order
 
     @property
     def sr_instance(self) -> str:

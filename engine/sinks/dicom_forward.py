@@ -1,13 +1,16 @@
 """Forward each SR by C-STORE to the ``AI.Forward.Destinations`` (DicomModalities names).
 
-The sink only records one *forward job* per (destination, SR) in the job
-store: durable, so nothing is lost across a restart or a ``kill -9``, and
-keyed, so an SR made twice (a rerun, a revision's second writer) is sent
-once. The job is run like any other: claimed with a lease, retried with
-back-off while the destination is down (``AI.Forward`` retry keys), and
-done once Orthanc's C-STORE was acknowledged; a done job is never sent
-again. A worker killed between the acknowledgement and the job's end sends
-it once more: the same SOP Instance UID, which a PACS keeps once.
+The SR's companions (the GSPS and KOS that show its finding in viewers
+without SR support, ``inference.presentation``) travel with it, on the same
+association, in the same job. The sink only records one *forward job* per
+(destination, SR) in the job store: durable, so nothing is lost across a
+restart or a ``kill -9``, and keyed, so an SR made twice (a rerun, a
+revision's second writer) is sent once. The job is run like any other:
+claimed with a lease, retried with back-off while the destination is down
+(``AI.Forward`` retry keys), and done once Orthanc's C-STORE was
+acknowledged; a done job is never sent again. A worker killed between the
+acknowledgement and the job's end sends it once more: the same SOP Instance
+UIDs, which a PACS keeps once.
 
 Priors fetched for comparison are never forwarded, nor are their SRs.
 """
@@ -17,7 +20,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from inference.errors import SkipInput
+from inference.errors import SkipInput, TransientError
 
 from ..deliveries import destination_of, forward_key
 from ..source import InstanceGone
@@ -66,7 +69,24 @@ def run(ctx: Context, job: Job) -> None:
             ctx.source.instance(job.instance)
         except InstanceGone as exc:
             raise SkipInput("the SR was deleted from Orthanc before it could be sent") from exc
-        answer = ctx.dimse.store(destination, [job.instance], forward.timeout_seconds)
+        companions = companions_of(ctx, uid)
+        answer = ctx.dimse.store(destination, [job.instance, *companions],
+                                 forward.timeout_seconds)
         done({"destination": destination, "sr_instance": job.instance,
-              "sr_sop_instance_uid": uid, "remote_aet": answer.get("RemoteAet"),
-              "delivered": iso(time.time())}, None)
+              "sr_sop_instance_uid": uid, "companions": companions,
+              "remote_aet": answer.get("RemoteAet"), "delivered": iso(time.time())}, None)
+
+
+def companions_of(ctx: Context, sr_sop_uid: str) -> list[str]:
+    """Orthanc IDs of the SR's GSPS and KOS that Orthanc holds, in the order they were
+    stored (their SOP Instance UIDs follow from the SR's: inference.presentation)."""
+    from inference.presentation import companion_sop_uids
+
+    found = []
+    for sop_uid in companion_sop_uids(sr_sop_uid):
+        status, answer = ctx.source.call("POST", "/tools/lookup", sop_uid)
+        if status >= 400 or not isinstance(answer, list):
+            raise TransientError(f"Orthanc could not look up the SR's companions "
+                                 f"(HTTP {status})")
+        found += [a["ID"] for a in answer if a.get("Type") == "Instance" and a.get("ID")]
+    return found

@@ -204,8 +204,10 @@ class JobStore(Protocol):
     def list(self, *, state: str | None = None, study: str | None = None,
              model: str | None = None, instance: str | None = None,
              series: str | None = None, node: str | None = None, since_id: int = 0,
-             kind: str | None = JobKind.ANALYSIS.value, limit: int = 1000) -> list[Job]:
-        """Jobs by id; ``kind=None``: every kind."""
+             kind: str | None = JobKind.ANALYSIS.value, limit: int = 1000,
+             newest_first: bool = False) -> list[Job]:
+        """Jobs by id (``newest_first``: the latest ``limit``, highest id first);
+        ``kind=None``: every kind."""
 
     def counts(self, kind: str | None = JobKind.ANALYSIS.value) -> dict[str, int]: ...
 

@@ -376,7 +376,8 @@ class PostgresJobStore:
     def list(self, *, state: str | None = None, study: str | None = None,
              model: str | None = None, instance: str | None = None,
              series: str | None = None, node: str | None = None, since_id: int = 0,
-             kind: str | None = JobKind.ANALYSIS.value, limit: int = 1000) -> list[Job]:
+             kind: str | None = JobKind.ANALYSIS.value, limit: int = 1000,
+             newest_first: bool = False) -> list[Job]:
         where, args = ["id > %s"], [since_id]
         for column, value in (("state", state), ("study", study), ("model", model),
                               ("instance", instance), ("series", series), ("node", node),
@@ -386,7 +387,8 @@ class PostgresJobStore:
                 args.append(value)
         with self._db() as db:
             rows = db.execute(
-                f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY id LIMIT %s",
+                f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY id"
+                f"{' DESC' if newest_first else ''} LIMIT %s",
                 (*args, limit),
             ).fetchall()
         return [job_from_row(r) for r in rows]

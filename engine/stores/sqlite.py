@@ -279,7 +279,8 @@ class SqliteJobStore:
     def list(self, *, state: str | None = None, study: str | None = None,
              model: str | None = None, instance: str | None = None,
              series: str | None = None, node: str | None = None, since_id: int = 0,
-             kind: str | None = JobKind.ANALYSIS.value, limit: int = 1000) -> list[Job]:
+             kind: str | None = JobKind.ANALYSIS.value, limit: int = 1000,
+             newest_first: bool = False) -> list[Job]:
         where, args = ["id > ?"], [since_id]
         for column, value in (("state", state), ("study", study), ("model", model),
                               ("instance", instance), ("series", series), ("node", node),
@@ -288,7 +289,8 @@ class SqliteJobStore:
                 where.append(f"{column} = ?")
                 args.append(value)
         rows = self._conn().execute(
-            f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY id LIMIT ?",
+            f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY id"
+            f"{' DESC' if newest_first else ''} LIMIT ?",
             (*args, limit),
         ).fetchall()
         return [job_from_row(r) for r in rows]

@@ -305,6 +305,8 @@ def test_list_filters(store):
     assert ids(store.list(since_id=j2.id)) == [j3.id, j4.id]
     assert ids(store.list(limit=2)) == [j1.id, j2.id]
     assert ids(store.list(since_id=j1.id, limit=2)) == [j2.id, j3.id]
+    assert ids(store.list(limit=2, newest_first=True)) == [j4.id, j3.id]  # the latest
+    assert ids(store.list(study="S1", newest_first=True)) == [j4.id, j2.id, j1.id]
     assert ids(store.list(study="S1", model="b")) == [j2.id, j4.id]
     assert ids(store.list(study="S1", state="running", node="node-x")) == [j2.id]
     assert store.list(study="S3") == []

@@ -96,6 +96,38 @@ def test_sr_is_in_the_source_study_references_the_source_and_is_valid(
         assert source.SOPInstanceUID in text  # referenced by the region / image library
         assert card.version in text and card.name in text  # algorithm identification
         assert card.finding.value in text  # the finding's SNOMED CT code
+        check_companions(server, job, source, sr, tmp_path)
+
+
+def check_companions(server, job, source, sr, tmp_path) -> None:
+    """A located finding's GSPS and KOS, in the source's study, valid; none for a negative."""
+    from inference.presentation import companion_sop_uids
+
+    companions = job["result"].get("companions", [])
+    study = server.get(f"/studies/{job['study']}/instances")
+    ours = {i["MainDicomTags"]["SOPInstanceUID"]: i for i in study}
+    pr_uid, ko_uid = companion_sop_uids(str(sr.SOPInstanceUID))
+    if not (job["result"]["positive"] and job["result"]["region"]):
+        assert companions == [] and pr_uid not in ours and ko_uid not in ours
+        return
+    assert companions == [ours[pr_uid]["ID"], ours[ko_uid]["ID"]]
+    objects = {}
+    for instance_id in companions:
+        path = tmp_path / f"{instance_id}.dcm"
+        path.write_bytes(server.get_bytes(f"/instances/{instance_id}/file"))
+        assert dciodvfy_errors(path) == []
+        ds = pydicom.dcmread(path)
+        assert ds.StudyInstanceUID == source.StudyInstanceUID
+        assert ds.Manufacturer == "orthanc-ai" and ds.PatientID == source.PatientID
+        objects[ds.Modality] = ds
+    pr, ko = objects["PR"], objects["KO"]
+    assert pr.ReferencedSeriesSequence[0].ReferencedImageSequence[0] \
+        .ReferencedSOPInstanceUID == source.SOPInstanceUID
+    text = pr.GraphicAnnotationSequence[0].TextObjectSequence[0].UnformattedTextValue
+    assert text.startswith(f"AI: {job['result']['finding']} present, probability ")
+    assert source.SOPInstanceUID in str(ko) and sr.SOPInstanceUID in str(ko)
+    # Our own outputs: no job for either.
+    assert not set(companions) & {j["instance"] for j in server.jobs()}
 
 
 def test_probability_equals_a_direct_prediction(sent, card, backend):
@@ -144,6 +176,15 @@ def test_same_image_twice_yields_one_sr(server, sent):
     srs = [i for i in server.get(f"/studies/{study}/instances")
            if i["MainDicomTags"].get("SOPInstanceUID") == jobs[0]["result"]["sr_sop_instance_uid"]]
     assert len(srs) == 1
+    # The resent image's GSPS and KOS once each too: the same UIDs, AlreadyStored.
+    positive = next(j for j in jobs if j["instance"] == ids[0])
+    by_series: dict[str, int] = {}
+    for i in server.get(f"/studies/{positive['study']}/instances"):
+        by_series[i["ParentSeries"]] = by_series.get(i["ParentSeries"], 0) + 1
+    companions = positive["result"]["companions"]
+    assert len(companions) == 2
+    for instance_id in companions:
+        assert by_series[server.get(f"/instances/{instance_id}")["ParentSeries"]] == 1
 
 
 def test_non_image_objects_get_no_sr(server, sent, tmp_path):

@@ -209,6 +209,58 @@ def test_prior_on_the_pacs_is_fetched_compared_and_the_sr_forwarded(net):
     assert detail["deliveries"][0]["state"] == "done"
 
 
+def test_a_located_finding_is_forwarded_with_its_gsps_and_kos_in_one_job(net):
+    """The SR's GSPS and KOS go to the destination with it, on the forward job of the
+    SR (one delivery per SR and destination, as before), valid there."""
+    from inference.presentation import companion_sop_uids
+
+    ai, pacs = net["ai"], net["pacs"]
+    ds = located_fracture("P-KEYIMAGES")
+    path = net["tmp"] / "current-keyimages.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    ai.storescu([path])
+    job = analysis(ai, str(ds.SOPInstanceUID))
+    assert job["result"]["positive"] and job["result"]["region"]
+    companions = job["result"]["companions"]
+    assert len(companions) == 2
+    (delivery,) = wait(lambda: [d for d in deliveries(ai, job["result"]["sr_instance"])
+                                if d["state"] == "done"], what="delivery")
+    forward = ai.get(f"/ai/jobs/{delivery['id']}")
+    assert forward["result"]["companions"] == companions
+    sr = sr_of(ai, job)
+    for uid in (str(sr.SOPInstanceUID), *companion_sop_uids(str(sr.SOPInstanceUID))):
+        received = pacs.lookup(uid)
+        assert received is not None, uid
+        path = net["tmp"] / f"forwarded-{uid}.dcm"
+        path.write_bytes(pacs.request("GET", f"/instances/{received}/file").content)
+        assert dciodvfy_errors(path) == []
+        assert pydicom.dcmread(path).StudyInstanceUID == sr.StudyInstanceUID
+
+
+def located_fracture(patient: str) -> pydicom.Dataset:
+    """A current study of ``patient`` that the shipped model calls positive, with a region
+    (chosen by the model's own prediction, as tests/integration/test_end_to_end.py does)."""
+    from engine.config import PROJECT_ROOT
+    from inference.backend import InProcessBackend, batch_of
+    from inference.card import ModelCard
+    from inference.pixels import DEFAULT_MAX_PIXEL_BYTES
+    from inference.postprocess import to_finding
+    from inference.preprocess import radiograph_input
+
+    card = ModelCard.from_folder(PROJECT_ROOT / "models" / "limb-fracture-xr")
+    backend = InProcessBackend()
+    backend.load(card)
+    for seed in range(1, 60):
+        ds = patient_study_dx(patient, CURRENT_DATE, fracture=True, seed=seed,
+                              accession=f"CUR-{patient}")
+        inputs = radiograph_input(card, ds, max_pixel_bytes=DEFAULT_MAX_PIXEL_BYTES)
+        (raw,) = backend.predict(card, batch_of(card, [inputs]))
+        finding = to_finding(card, raw, inputs.image.geometry)
+        if finding.positive and finding.region is not None:
+            return ds
+    raise AssertionError("no located fracture among 60 phantoms")
+
+
 def test_a_prior_later_sent_by_a_modality_becomes_a_current_study(net):
     """A study fetched as a prior, to which a modality then sends an image, is a
     current study from then on: its own prior search, its SRs forwarded."""
@@ -331,6 +383,7 @@ def test_a_head_ct_is_compared_with_its_prior_volume(net):
     assert cmp["state"] == "compared" and cmp["prior_source"] == "PACS", \
         json.dumps(ai.jobs(kind="priors", study=job["study"]))
     result = job["result"]
+    assert result["summary"].endswith(f"; {cmp['text']}")  # the interval change in words
     prior = PriorFinding(cmp["prior_probability"], result["threshold"], cmp["prior_volume_ml"])
     assert cmp["change"] == change(Finding(result["probability"], result["threshold"], None,
                                            result["volume_ml"]), prior).value

@@ -66,6 +66,9 @@ def test_haemorrhage_series_reported_with_volume_then_revised_by_a_late_slice(
     assert result["positive"] is True
     assert result["slices"] == len(files) - 1
     assert result["volume_ml"] == pytest.approx(truth_ml, rel=0.6, abs=3.0)
+    assert result["summary"] == (f"{result['finding']} present, probability "
+                                 f"{result['probability']:.2f}, volume "
+                                 f"{result['volume_ml']:.1f} mL")
     # CT slices have no jobs of their own: the series job speaks for them.
     assert not ct_server.jobs(instance=first_slice)
 

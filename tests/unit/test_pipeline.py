@@ -98,8 +98,10 @@ def test_a_resend_or_replayed_event_makes_no_second_job_or_sr(world):
     world.drain()
     world.store.push_inbox([(InboxKind.INSTANCE, instance)], again=True)  # replayed change
     world.drain()
-    assert len(world.store.for_instance(instance)) == 1
-    assert len(world.orthanc.srs()) == 1 and world.orthanc.calls["store"] == 1
+    (job,) = world.store.for_instance(instance)
+    # Stored once each: the SR, and its GSPS and KOS (a located positive finding).
+    assert len(job.result["companions"]) == 2
+    assert len(world.orthanc.srs()) == 1 and world.orthanc.calls["store"] == 3
 
 
 def test_images_for_one_model_share_one_model_call(world):
@@ -217,3 +219,32 @@ def test_our_own_sr_is_never_analysed(world):
     world.drain()
     assert world.store.for_instance(sr_id) == []
     assert len(world.orthanc.srs()) == 1 and world.backend.batches == [1]
+
+
+def test_a_located_finding_gets_a_gsps_and_a_kos_that_are_never_analysed(world):
+    instance = world.stored(_dx(13))
+    world.drain()
+    (job,) = world.store.for_instance(instance)
+    pr_id, ko_id = job.result["companions"]
+    source, pr, ko = (world.orthanc.headers[i] for i in (instance, pr_id, ko_id))
+    assert (pr.Modality, ko.Modality) == ("PR", "KO")
+    for ds in (pr, ko):
+        assert ds.StudyInstanceUID == source.StudyInstanceUID
+        assert ds.Manufacturer == "orthanc-ai"
+    # Marked triaged before they were stored; our own outputs when seen again.
+    world.store.push_inbox([(InboxKind.INSTANCE, pr_id), (InboxKind.INSTANCE, ko_id)])
+    assert world.store.inbox_size() == 0
+    world.store.push_inbox([(InboxKind.INSTANCE, pr_id), (InboxKind.INSTANCE, ko_id)],
+                           again=True)  # e.g. a reprocess
+    world.drain()
+    assert world.store.for_instance(pr_id) == [] and world.store.for_instance(ko_id) == []
+    assert world.backend.batches == [1]
+
+
+def test_presentation_states_switched_off_leave_the_sr_alone(world):
+    world.ctx.config = world.ctx.config.model_copy(update={"presentation_states": False})
+    instance = world.stored(_dx(14))
+    world.drain()
+    (job,) = world.store.for_instance(instance)
+    assert job.state == "done" and "companions" not in job.result
+    assert world.orthanc.calls["store"] == 1
