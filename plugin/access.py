@@ -107,6 +107,19 @@ def decide(uri: str, method: int, headers: Mapping[str, str],
     return user is not None and user in administrators, user
 
 
+def is_administrator(headers: Mapping[str, str] | None, administrators: Iterable[str],
+                     authentication: bool) -> bool:
+    """Whether the caller may retry and reprocess: anyone when Orthanc's
+    authentication is off (nothing is enforced then), else a Basic user in
+    ``administrators``. For what a page *shows*; the filter above *enforces*.
+    orthanc-python 4.0 hands a REST callback the request's ``headers`` as it
+    hands the filter; without them nobody is taken for an administrator."""
+    if not authentication:
+        return True
+    user = basic_user(headers or {})
+    return user is not None and user in frozenset(administrators)
+
+
 def make_filter(administrators: Iterable[str]) -> Callable[..., bool]:
     """The callback for ``orthanc.RegisterIncomingHttpRequestFilter``."""
     admins = frozenset(administrators)

@@ -24,7 +24,7 @@ import orthanc
 from engine.audit import Audit
 from engine.audit import log_path as audit_log_path
 from engine.audit import set_current as set_current_audit
-from engine.config import AIConfig, ConfigError, check_peers, parse_ai_section
+from engine.config import PROJECT_ROOT, AIConfig, ConfigError, check_peers, parse_ai_section
 from engine.logsafe import SafeFormatter
 from engine.stores import InboxKind, JobStore, open_store
 from inference.registry import Registry
@@ -32,6 +32,7 @@ from inference.registry import Registry
 from . import access
 from .routes import Api
 from .supervisor import Supervisor
+from .viewer import Viewer
 
 log = logging.getLogger("orthanc_ai")
 
@@ -260,9 +261,12 @@ def _rest_handler(method: str, handler: Any):
         if request.get("method") != method:
             output.SendMethodNotAllowed(method)
             return
+        # orthanc-python 4.0 passes the request's headers too (names lower-case).
+        extra = {"headers": request.get("headers") or {}} \
+            if getattr(handler, "needs_headers", False) else {}
         try:
             status, content_type, body = handler(request.get("get", {}) or {},
-                                                 *request.get("groups", ()))
+                                                 *request.get("groups", ()), **extra)
         except Exception as exc:
             log.exception("orthanc-ai: REST %s failed", uri)
             status, content_type = 500, "application/json"
@@ -275,6 +279,49 @@ def _rest_handler(method: str, handler: Any):
             output.SendHttpStatus(status, text, len(text.encode()))
 
     return callback
+
+
+def _serve_viewer(viewer: Viewer) -> None:
+    """OHIF's files at /ohif/ (its client-side routes answered with index.html)."""
+    def files(output: Any, uri: str, **request: Any) -> None:
+        if request.get("method") != "GET":
+            output.SendMethodNotAllowed("GET")
+            return
+        groups = request.get("groups") or ("",)
+        try:
+            status, content_type, body, headers = viewer.answer(groups[0] or "")
+        except OSError:
+            log.exception("orthanc-ai: OHIF file %s could not be read", uri)
+            status, content_type, body, headers = 500, "text/plain", b"unreadable", {}
+        if status != 200:
+            text = body.decode("utf-8", "replace")
+            output.SendHttpStatus(status, text, len(text.encode()))
+            return
+        for name, value in headers.items():
+            output.SetHttpHeader(name, value)
+        output.AnswerBuffer(body, content_type)
+
+    # Orthanc hands "/ohif/" to the callback of "/ohif": both are the viewer's start page.
+    orthanc.RegisterRestCallback("/ohif", files)
+    orthanc.RegisterRestCallback("/ohif/(.*)", files)
+    if not viewer.available():
+        log.warning("orthanc-ai: the OHIF viewer is not installed in %s (make ohif)",
+                    viewer.root)
+
+
+EXPLORER_JS = Path(__file__).resolve().parent.parent / "orthanc" / "explorer.js"
+
+
+def _extend_explorer() -> None:
+    """The AI panel of Orthanc Explorer's study and series pages (orthanc/explorer.js,
+    read once at start; Orthanc appends it to /plugins/explorer.js)."""
+    try:
+        js = EXPLORER_JS.read_text(encoding="utf-8")
+    except OSError as exc:  # Explorer without our panel; the rest works
+        log.error("orthanc-ai: %s not read (%s): Orthanc Explorer has no AI panel",
+                  EXPLORER_JS, type(exc).__name__)
+        return
+    orthanc.ExtendOrthancExplorer(js)
 
 
 def install() -> None:
@@ -302,6 +349,9 @@ def install() -> None:
     orthanc.RegisterOnChangeCallback(_on_change)
     for pattern, method, fn in Api(_plugin).routes():
         orthanc.RegisterRestCallback(pattern, _rest_handler(method, fn))
+    _extend_explorer()
+    if ai.ohif_directory:
+        _serve_viewer(Viewer(PROJECT_ROOT / ai.ohif_directory))
     if access.authentication_enabled(config):
         # Only AI.Administrators may call the /ai routes that change anything.
         orthanc.RegisterIncomingHttpRequestFilter(access.make_filter(ai.administrators))

@@ -25,7 +25,7 @@ class StrictOrthanc(types.ModuleType):
         "GenerateRestApiAuthorizationToken",
         "RegisterOnStoredInstanceCallback", "RegisterOnChangeCallback",
         "RegisterRestCallback", "RegisterIncomingHttpRequestFilter",
-        "LogInfo", "LogWarning", "LogError",
+        "LogInfo", "LogWarning", "LogError", "ExtendOrthancExplorer",
     }
 
     def __init__(self, configuration: dict[str, Any], path: str = "/etc/orthanc") -> None:
@@ -37,6 +37,7 @@ class StrictOrthanc(types.ModuleType):
         self.change_callbacks: list = []
         self.rest_callbacks: dict[str, Any] = {}
         self.http_filters: list = []
+        self.explorer_js: list[str] = []
         self.logs: list[tuple[str, str]] = []
 
     def __getattr__(self, name: str) -> Any:
@@ -62,6 +63,10 @@ class StrictOrthanc(types.ModuleType):
 
     def RegisterIncomingHttpRequestFilter(self, cb) -> None:  # noqa: N802
         self.http_filters.append(cb)
+
+    def ExtendOrthancExplorer(self, js: str) -> None:  # noqa: N802
+        assert isinstance(js, str)
+        self.explorer_js.append(js)
 
     def LogInfo(self, message: str) -> None:  # noqa: N802
         self.logs.append(("info", message))

@@ -198,7 +198,11 @@ def test_hostile_studies_leave_no_patient_data_in_logs_or_jobs(tmp_path):
                                         timeout=30).text,
             "/ai/health": server.http.get(server.url + "/ai/health", timeout=30).text,
             "/ai/deliveries": server.http.get(server.url + "/ai/deliveries", timeout=30).text,
+            "/ai/": server.http.get(server.url + "/ai/", timeout=30).text,
         }
+        for study in {j["study"] for j in jobs if j["study"]}:
+            api[f"/ai/studies/{study}"] = server.http.get(
+                server.url + f"/ai/studies/{study}", timeout=30).text
     finally:
         server.stop()
     by_instance = {j["instance"]: j for j in jobs}
