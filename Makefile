@@ -6,9 +6,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEB_STAMP := $(VENV)/.debian
 
-.PHONY: run test setup lint train train-ct priors-evidence bench clean
+OHIF_STAMP := build/ohif/installed.json
 
-setup: $(DEB_STAMP) $(STAMP)
+.PHONY: run test setup ohif screenshots lint train train-ct priors-evidence bench clean
+
+setup: $(DEB_STAMP) $(STAMP) $(OHIF_STAMP)
 
 $(DEB_STAMP): scripts/install-debian.sh
 	./scripts/install-debian.sh
@@ -22,12 +24,23 @@ $(STAMP): requirements.lock pyproject.toml $(DEB_STAMP)
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
+# The OHIF viewer the plugin serves at /ohif/: the pinned npm tarball, checked
+# against its published sha512, rewritten for the sub-path (engine/ohif.py).
+ohif: $(OHIF_STAMP)
+
+$(OHIF_STAMP): engine/ohif.py orthanc/ohif-app-config.js $(STAMP)
+	$(PY) -m engine.ohif
+
 run: setup
 	$(VENV)/bin/orthanc-ai demo --data data/demo --http-port 8042 --dicom-port 4242 $(ARGS)
 
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# The browser tests, leaving their screenshots in docs/ (the README shows them).
+screenshots: setup
+	ORTHANC_AI_SCREENSHOTS=docs/screenshots $(PY) -m pytest tests/browser -q
 
 lint: setup
 	$(VENV)/bin/ruff check .

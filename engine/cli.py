@@ -176,6 +176,10 @@ def wait_for_jobs(base_url: str, instance_ids: list[str], series_ids: list[str],
         time.sleep(0.5)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from engine.demo import AET, DemoPacs, demo_configuration
     from engine.standins.audit_repository import SyslogReceiver
@@ -185,6 +189,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     data = Path(args.data).resolve()
     data.mkdir(parents=True, exist_ok=True)
     base = load_orthanc_json(Path(args.config))
+    # SIGTERM (kill, a service manager) stops the demo's Orthancs as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
     pacs = DemoPacs(data / "demo-pacs", ORTHANC, str(base.get("DicomAet", "ORTHANC")),
                     args.dicom_port)
     print(f"Starting the demo PACS ({AET}, DICOM port {pacs.dicom_port}) with earlier "
@@ -311,6 +317,22 @@ def print_table(base_url: str, jobs: list[dict]) -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for line in [header, tuple("-" * w for w in widths), *rows]:
         print("  ".join(str(v).ljust(w) for v, w in zip(line, widths, strict=True)))
+    print("\nIn OHIF, each result opened with its finding drawn (the CT on its key slice):")
+    for job, row in zip(jobs, rows, strict=True):
+        sr = (job.get("result") or {}).get("sr_instance")
+        if sr:
+            print(f"  {row[0]}  {row[2]}  {base_url}/{viewer_link(base_url, sr)}")
+    print(f"AI status page: {base_url}/ai/")
+
+
+def viewer_link(base_url: str, sr_instance: str) -> str:
+    """The OHIF page that opens our SR (Orthanc ID) in its study."""
+    from engine.ohif import study_link
+
+    series = _get(f"{base_url}/instances/{sr_instance}/series")
+    study = _get(f"{base_url}/studies/{series['ParentStudy']}")
+    return study_link(study["MainDicomTags"]["StudyInstanceUID"],
+                      series["MainDicomTags"]["SeriesInstanceUID"])
 
 
 def print_comparisons(base_url: str, jobs: list[dict]) -> None:

@@ -67,6 +67,20 @@ def test_ai_routes_need_credentials(hardened):
     assert r.status_code == 401
 
 
+def test_the_viewer_has_orthancs_authentication(hardened):
+    """OHIF is served by Orthanc: the same users, and its DICOMweb calls on the same origin."""
+    for path in ("/ohif/", "/ohif/viewer?StudyInstanceUIDs=1.2.3", "/ohif/app-config.js"):
+        assert _http(hardened, "GET", path).status_code == 401, path
+        r = _http(hardened, "GET", path, auth=READER)
+        assert r.status_code == 200, (path, r.text[:200])
+    assert "window.PUBLIC_URL=\"/ohif/\"" in _http(hardened, "GET", "/ohif/", auth=READER).text
+    config = _http(hardened, "GET", "/ohif/app-config.js", auth=READER).text
+    assert "routerBasename: prefix.replace" in config and "const prefix = '/ohif/'" in config
+    assert _http(hardened, "GET", "/dicom-web/studies").status_code == 401
+    assert _http(hardened, "GET", "/dicom-web/studies", auth=READER).status_code == 200
+    assert _http(hardened, "GET", "/ohif/missing.bundle.js", auth=READER).status_code == 404
+
+
 def test_any_user_reads(hardened):
     for user in (READER, ADMIN):
         r = _http(hardened, "GET", "/ai/jobs", auth=user)
@@ -134,3 +148,18 @@ def test_only_administrators_change_anything(hardened, tmp_path):
                  auth=READER).status_code in (403, 404)
     # Orthanc's own routes are not ours to police.
     assert _http(hardened, "GET", "/system", auth=READER).status_code == 200
+
+
+def test_status_page_offers_retry_to_administrators_only(hardened, tmp_path):
+    ds, path = _dx(tmp_path, 305)
+    ds.PixelData = ds.PixelData[:64]  # stored all the same; its analysis fails
+    ds.save_as(path, enforce_file_format=True)
+    assert _storescu(hardened, path, "KNOWN_MOD").returncode == 0
+    (job,) = hardened.wait_jobs([hardened.lookup(ds.SOPInstanceUID)])
+    assert job["state"] in ("failed", "dead"), job
+    button = f'class="ai-retry" data-job="{job["id"]}"'
+    admin = _http(hardened, "GET", "/ai/", auth=ADMIN)
+    assert admin.status_code == 200 and button in admin.text
+    reader = _http(hardened, "GET", "/ai/", auth=READER).text
+    assert button not in reader and "sign in as one to retry" in reader
+    assert _http(hardened, "GET", "/ai/").status_code == 401
