@@ -63,6 +63,7 @@ from .report import (
     SR_SERIES_NUMBER,
     _tracking_uid,
     device_uid,
+    refused_at,
     source_header,
 )
 from .uids import derived_uid
@@ -341,11 +342,7 @@ def build_companions(
 
 def _cannot_build(exc: BaseException) -> BadInput:
     """BadInput naming where highdicom refused, never a value (patient data)."""
-    frame = exc.__traceback__
-    while frame is not None and frame.tb_next is not None:
-        frame = frame.tb_next
-    where = f"{frame.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.tb_lineno}" \
-        if frame is not None else "?"
+    where = refused_at(exc)
     log.warning("orthanc-ai: no presentation state or key object selection: %s at %s",
                 type(exc).__name__, where)
     return BadInput(f"no presentation state or key object selection can be built from this "

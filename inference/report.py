@@ -1454,13 +1454,18 @@ class _ComparedComprehensive3DSR(hd.sr.Comprehensive3DSR):
     """
 
 
-def _cannot_build(exc: BaseException) -> BadInput:
-    """BadInput for an SR highdicom refuses, naming where, never a value (patient data)."""
+def refused_at(exc: BaseException) -> str:
+    """Where a library refused ("templates.py:3427"): its file and line, never a value."""
     frame = exc.__traceback__
     while frame is not None and frame.tb_next is not None:
         frame = frame.tb_next
-    where = f"{frame.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.tb_lineno}" \
+    return f"{frame.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.tb_lineno}" \
         if frame is not None else "?"
+
+
+def _cannot_build(exc: BaseException) -> BadInput:
+    """BadInput for an SR highdicom refuses, naming where, never a value (patient data)."""
+    where = refused_at(exc)
     log.warning("orthanc-ai: SR cannot be built: %s at %s", type(exc).__name__, where)
     return BadInput(f"no valid SR can be built from this source's header "
                     f"({type(exc).__name__} at {where})")

@@ -18,3 +18,15 @@ def dciodvfy_errors(path: Path) -> list[str]:
                           errors="replace")
     lines = (proc.stdout + proc.stderr).splitlines()
     return [line for line in lines if line.startswith("Error")]
+
+
+def first_content_item(ds, code_value: str):
+    """The first content item of an SR, depth first, whose concept name has this code value."""
+    for item in ds.get("ContentSequence", []):
+        name = item.get("ConceptNameCodeSequence")
+        if name and name[0].CodeValue == code_value:
+            return item
+        found = first_content_item(item, code_value)
+        if found is not None:
+            return found
+    return None

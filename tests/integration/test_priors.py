@@ -21,7 +21,7 @@ import pytest
 
 from inference.interval import PriorFinding, change
 from inference.postprocess import Finding
-from tests.dicom_tools import dciodvfy_errors
+from tests.dicom_tools import dciodvfy_errors, first_content_item
 from tests.factories import patient_study_dx
 from tests.harness import OrthancAI, write_config
 from tests.peers import DcmqrscpPacs, OrthancPacs, stop_all
@@ -127,17 +127,7 @@ def sr_of(ai: OrthancAI, job: dict[str, Any]) -> pydicom.Dataset:
 
 
 def qualitative_difference(sr: pydicom.Dataset) -> pydicom.Dataset | None:
-    def walk(items):
-        for item in items:
-            name = item.get("ConceptNameCodeSequence")
-            if name and name[0].CodeValue == "111049":
-                return item
-            found = walk(item.get("ContentSequence", []))
-            if found is not None:
-                return found
-        return None
-
-    return walk(sr.ContentSequence)
+    return first_content_item(sr, "111049")
 
 
 def notes(sr: pydicom.Dataset) -> str:

@@ -29,7 +29,7 @@ from inference.presentation import (
 )
 from inference.report import MANUFACTURER, SR_SERIES_NUMBER, build_sr
 from inference.routing import is_own_output, may_be_own_output, non_image_reason
-from tests.dicom_tools import dciodvfy_errors
+from tests.dicom_tools import dciodvfy_errors, first_content_item
 from tests.factories import synthetic_dx
 
 REGION = Region(400.0, 500.0, 520.0, 700.0)  # rows 400-520, columns 500-700
@@ -138,17 +138,7 @@ def test_a_located_fracture_gets_a_valid_gsps_outlining_it_and_a_kos_naming_it(
 
 def _measurement_group(sr: Dataset) -> Dataset:
     """The SR's tracking unique identifier item of its first measurement group."""
-    def walk(items):
-        for item in items:
-            name = item.get("ConceptNameCodeSequence")
-            if name and name[0].CodeValue == "112040":  # Tracking Unique Identifier
-                return item
-            found = walk(item.get("ContentSequence", []))
-            if found is not None:
-                return found
-        return None
-
-    return walk(sr.ContentSequence)
+    return first_content_item(sr, "112040")  # Tracking Unique Identifier
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR")  # the values set below
