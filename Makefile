@@ -7,8 +7,9 @@ STAMP := $(VENV)/.installed
 DEB_STAMP := $(VENV)/.debian
 
 OHIF_STAMP := build/ohif/installed.json
+CURRENT_STAMP := build/orthanc-current/.orthanc-ai-stamp.json
 
-.PHONY: run test setup ohif screenshots lint train train-ct priors-evidence bench clean
+.PHONY: run test test-current current-orthanc setup ohif screenshots lint train train-ct priors-evidence bench clean
 
 setup: $(DEB_STAMP) $(STAMP) $(OHIF_STAMP)
 
@@ -31,12 +32,26 @@ ohif: $(OHIF_STAMP)
 $(OHIF_STAMP): engine/ohif.py orthanc/ohif-app-config.js $(STAMP)
 	$(PY) -m engine.ohif
 
+# Orthanc 1.13 (Debian forky) in build/orthanc-current, for `serve --orthanc
+# current` and the second run of the integration suite (engine/current_orthanc.py).
+current-orthanc: $(CURRENT_STAMP)
+
+$(CURRENT_STAMP): engine/current_orthanc.py requirements.lock $(STAMP)
+	$(PY) -m engine.current_orthanc build
+
 run: setup
 	$(VENV)/bin/orthanc-ai demo --data data/demo --http-port 8042 --dicom-port 4242 $(ARGS)
 
-test: setup
+# The whole suite on Debian 12's Orthanc 1.10.1, then the integration suite
+# again on Orthanc 1.13.0 (forky); the PACS peers stay Debian 12's.
+test: setup $(CURRENT_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(MAKE) test-current
+
+test-current: setup $(CURRENT_STAMP)
+	ORTHANC_AI_ORTHANC=current $(VENV)/bin/python -m pytest -m integration tests/integration \
+		--deselect tests/integration/test_demo.py $(PYTEST_ARGS)
 
 # The browser tests, leaving their screenshots in docs/ (the README shows them).
 screenshots: setup

@@ -274,11 +274,39 @@ def _rest_handler(method: str, handler: Any):
         if status == 200:
             output.AnswerBuffer(body, content_type)
         else:
-            # orthanc-python 4.0: (status, body as str, its size)
-            text = body.decode("utf-8", "replace")
-            output.SendHttpStatus(status, text, len(text.encode()))
+            _send_status(output, status, body)
 
     return callback
+
+
+_KEPT: list[Any] = []
+
+
+def _kept(callback: Any) -> Any:
+    """Hold a reference to a callback given to Orthanc for the process's life.
+
+    orthanc-python 7.1 drops its references to REST callbacks after Python is
+    finalized: a callback nobody else holds (a closure) is then freed on a dead
+    interpreter and Orthanc ends with a segmentation fault (reproduced with a
+    three-line script)."""
+    _KEPT.append(callback)
+    return callback
+
+
+_status_with_size = [True]  # orthanc-python 4.0's form, until it is refused
+
+
+def _send_status(output: Any, status: int, body: bytes) -> None:
+    """An error answer with a body: orthanc-python 4.0 takes (status, str, size),
+    later versions (7.1 checked) take (status, bytes)."""
+    if _status_with_size[0]:
+        text = body.decode("utf-8", "replace")
+        try:
+            output.SendHttpStatus(status, text, len(text.encode()))
+            return
+        except TypeError:  # refused before the call: nothing was sent
+            _status_with_size[0] = False
+    output.SendHttpStatus(status, body)
 
 
 def _serve_viewer(viewer: Viewer) -> None:
@@ -294,15 +322,14 @@ def _serve_viewer(viewer: Viewer) -> None:
             log.exception("orthanc-ai: OHIF file %s could not be read", uri)
             status, content_type, body, headers = 500, "text/plain", b"unreadable", {}
         if status != 200:
-            text = body.decode("utf-8", "replace")
-            output.SendHttpStatus(status, text, len(text.encode()))
+            _send_status(output, status, body)
             return
         for name, value in headers.items():
             output.SetHttpHeader(name, value)
         output.AnswerBuffer(body, content_type)
 
     # Orthanc hands "/ohif/" to the callback of "/ohif": both are the viewer's start page.
-    orthanc.RegisterRestCallback("/ohif", files)
+    orthanc.RegisterRestCallback("/ohif", _kept(files))
     orthanc.RegisterRestCallback("/ohif/(.*)", files)
     if not viewer.available():
         log.warning("orthanc-ai: the OHIF viewer is not installed in %s (make ohif)",
@@ -348,13 +375,13 @@ def install() -> None:
     orthanc.RegisterOnStoredInstanceCallback(_on_stored_instance)
     orthanc.RegisterOnChangeCallback(_on_change)
     for pattern, method, fn in Api(_plugin).routes():
-        orthanc.RegisterRestCallback(pattern, _rest_handler(method, fn))
+        orthanc.RegisterRestCallback(pattern, _kept(_rest_handler(method, fn)))
     _extend_explorer()
     if ai.ohif_directory:
         _serve_viewer(Viewer(PROJECT_ROOT / ai.ohif_directory))
     if access.authentication_enabled(config):
         # Only AI.Administrators may call the /ai routes that change anything.
-        orthanc.RegisterIncomingHttpRequestFilter(access.make_filter(ai.administrators))
+        orthanc.RegisterIncomingHttpRequestFilter(_kept(access.make_filter(ai.administrators)))
         if not ai.administrators:
             log.warning("orthanc-ai: AI.Administrators is empty: no user may retry or "
                         "reprocess")

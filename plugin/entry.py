@@ -31,6 +31,16 @@ if os.path.isdir(_site):
     site.addsitedir(_site)  # also runs the venv's .pth files
 sys.path[:] = [ROOT] + [p for p in sys.path if p not in _before and p != ROOT] + _before
 
+# What the REST routes import late is imported now, on Orthanc's main thread:
+# with Python 3.14 (orthanc-python 7.1), code compiled or eval'd on Orthanc's
+# HTTP threads, whose C stacks are small, fails with "MemoryError: Parser stack
+# overflowed" (namedtuple's eval in prometheus_client's import did, in /ai/).
+import getpass  # noqa: E402, F401
+
+import prometheus_client.core  # noqa: E402, F401
+import prometheus_client.multiprocess  # noqa: E402, F401
+
+import engine.audit  # noqa: E402, F401
 from plugin import adapter  # noqa: E402
 
 adapter.install()

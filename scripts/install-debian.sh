@@ -2,7 +2,7 @@
 # Install the Debian packages orthanc-ai needs, only when one is missing
 # (a second run costs one dpkg query).
 set -eu
-PKGS="orthanc orthanc-python orthanc-dicomweb orthanc-postgresql postgresql dcmtk python3-venv python3-dev docker-compose chromium"
+PKGS="orthanc orthanc-python orthanc-dicomweb orthanc-postgresql postgresql dcmtk python3-venv python3-dev docker-compose chromium debootstrap util-linux"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
