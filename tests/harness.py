@@ -18,6 +18,9 @@ from engine.demo import free_port
 ROOT = Path(__file__).resolve().parent.parent
 ORTHANC_AI = str(Path(sys.executable).parent / "orthanc-ai")
 STORESCU = "/usr/bin/storescu"
+# `make test-current`: the servers under test are Orthanc 1.13.0 in the forky
+# root (engine/current_orthanc.py), their models on a model server outside it.
+CURRENT = os.environ.get("ORTHANC_AI_ORTHANC") == "current"
 
 
 class OrthancAI:

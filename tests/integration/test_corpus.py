@@ -23,9 +23,11 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_files
 
-from tests.harness import STORESCU, OrthancAI, write_config
+from tests.harness import CURRENT, STORESCU, OrthancAI, write_config
 
 EXPECTED = Path(__file__).with_name("corpus_expected.json")
+# Where Orthanc 1.13.0 ends a file otherwise than 1.10.1 (and why, in the file).
+EXPECTED_CURRENT = Path(__file__).with_name("corpus_expected_current.json")
 
 
 def corpus_files() -> list[Path]:
@@ -121,6 +123,8 @@ def test_every_file_ends_in_a_visible_state(corpus_server):
     if os.environ.get("ORTHANC_AI_CORPUS_WRITE"):
         EXPECTED.write_text(json.dumps(dict(sorted(results.items())), indent=1) + "\n")
     expected = json.loads(EXPECTED.read_text())
+    if CURRENT:
+        expected.update(json.loads(EXPECTED_CURRENT.read_text())["outcomes"])
     assert results == expected
     assert not [k for k, v in results.items() if v == "no job"]
     # No SR for anything but images a model analysed.

@@ -14,7 +14,7 @@ import pydicom
 
 from engine.stores import DIED_REASON
 from tests.factories import gdcm_crashing_j2k
-from tests.harness import OrthancAI, dx_corpus, outputs, write_config
+from tests.harness import CURRENT, OrthancAI, dx_corpus, outputs, write_config
 
 MODEL = "limb-fracture-xr"
 
@@ -54,7 +54,9 @@ def test_orthanc_holds_no_tensorflow_and_the_token_shows_nowhere(tmp_path):
     finally:
         server.stop()
     # TensorFlow and the pixel codecs are mapped by the worker, never by Orthanc.
-    assert "tensorflow" in worker_maps
+    # (On Orthanc 1.13 the root's Python has no TensorFlow: it runs in the model
+    # server outside the root, and the worker holds only the codecs.)
+    assert ("tensorflow" in worker_maps) is not CURRENT
     for library in ("tensorflow", "_gdcmswig", "openjpeg", "libjpeg/_libjpeg"):
         assert library not in maps, library
     logs = [p.read_text(errors="replace") for p in (tmp_path / "srv").rglob("*.log")]
