@@ -30,6 +30,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 from engine.config import PROJECT_ROOT
@@ -42,15 +43,16 @@ PACKAGES = (
     "python3", "python3-venv", "python3-dev", "g++", "ca-certificates", "coreutils",
 )
 VENV = "/opt/orthanc-ai/venv"
-# Our direct runtime dependencies, pinned by requirements.lock; not TensorFlow.
-# pyjpegls (highdicom's) has no wheel for 3.14, hence g++ and python3-dev.
-REQUIREMENTS = (
-    "numpy", "pillow", "pydicom", "highdicom", "pynetdicom", "pylibjpeg",
-    "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "python-gdcm", "requests",
-    "prometheus-client", "psycopg[binary]", "pydantic", "hl7", "cryptography",
-)
 STAMP = ".orthanc-ai-stamp.json"
 LOCK = PROJECT_ROOT / "requirements.lock"
+
+
+def requirements() -> list[str]:
+    """pyproject's dependencies that apply to the root's Python 3.14 (all but
+    TensorFlow), installed at the lock's versions. pyjpegls (highdicom's) has no
+    wheel for 3.14: hence g++ and python3-dev in the root."""
+    project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]
+    return [d for d in project["dependencies"] if "python_version < '3.14'" not in d]
 
 
 def python_minor(root: Path = ROOT) -> str:
@@ -71,7 +73,7 @@ def wanted() -> dict:
     """What the stamp records: a change in any of it rebuilds the root."""
     lock = hashlib.sha256(LOCK.read_bytes()).hexdigest()
     return {"suite": SUITE, "packages": sorted(PACKAGES),
-            "requirements": sorted(REQUIREMENTS), "lock": lock}
+            "requirements": sorted(requirements()), "lock": lock}
 
 
 def is_current(root: Path = ROOT) -> bool:
@@ -123,10 +125,10 @@ def build(root: Path = ROOT) -> Path:
     shutil.copy("/etc/ssl/certs/ca-certificates.crt", new / "etc/ssl/certs/ca-certificates.crt")
     shutil.copy("/etc/resolv.conf", new / "etc/resolv.conf")
     shutil.copy(LOCK, new / "tmp/requirements.lock")
-    requirements = " ".join(f"'{r}'" for r in REQUIREMENTS)
+    wanted_here = " ".join(f"'{r}'" for r in requirements())
     _step(f"venv with the root's Python {python_minor(new)} at {VENV} (about 1-2 minutes) ...")
     _chroot(new, f"python3 -m venv {VENV}; {VENV}/bin/pip install -q --no-cache-dir "
-                 f"--disable-pip-version-check -c /tmp/requirements.lock {requirements}; "
+                 f"--disable-pip-version-check -c /tmp/requirements.lock {wanted_here}; "
                  "rm /tmp/requirements.lock")
     (new / STAMP).write_text(json.dumps(wanted(), indent=1))
     shutil.rmtree(root, ignore_errors=True)
