@@ -95,14 +95,46 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     # glibc gives each thread its own malloc arena; with Orthanc's many threads
     # and ours, freed memory stays mapped and the resident size creeps up.
     env.setdefault("MALLOC_ARENA_MAX", "2")
+    if getattr(args, "orthanc", "debian") == "current":
+        return _in_current_root(config, path, data, env)
     return [ORTHANC, str(path)], env
+
+
+def _in_current_root(config: dict, path: Path, data: Path,
+                     env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """Orthanc 1.13 in the forky root; the models on our server outside it.
+
+    The root's Python (3.14) has no TensorFlow build, so unless the
+    configuration names a model server, ours is started here from this venv,
+    told to exit with this process (which becomes Orthanc), and the plugin is
+    pointed at it."""
+    from engine import current_orthanc as current
+    from plugin.model_server import start_model_server
+
+    ai_config = parse_ai_section(config.get("AI"))
+    argv = current.command(["/usr/sbin/Orthanc", str(path)],
+                           [PROJECT_ROOT, data, ai_config.models_directory])
+    ai = dict(config.get("AI") or {})
+    if not ai.get("ModelServerUrl"):
+        url, _ = start_model_server(ai_config.models_directory, data / "model-server.log",
+                                    ai_config.tensorflow_threads)
+        ai.update({"Backend": "http", "ModelServerUrl": url})
+        config["AI"] = ai
+    # orthanc-python >= 4.3 can release the GIL during SDK calls (4.0 cannot).
+    config.setdefault("Python", {}).setdefault("AllowThreads", True)
+    # Orthanc >= 1.12 binds its HTTP server to loopback itself (1.10 only refuses
+    # remote clients); no Orthanc offers this for the DICOM port.
+    config.setdefault("HttpBindAddresses", ["127.0.0.1"])
+    path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+    env["ORTHANC_AI_SITE_PACKAGES"] = current.site_packages()
+    return argv, env
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     argv, env = prepare(args)
     # exec: Orthanc becomes this process, so SIGTERM reaches it directly and
     # it stops cleanly (closing its database and our job store).
-    os.execve(argv[0], argv, env)
+    os.execvpe(argv[0], argv, env)
     return 0  # not reached
 
 
@@ -374,6 +406,9 @@ def print_deliveries(base_url: str, jobs: list[dict], timeout: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="orthanc-ai", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    from inference.version import __version__
+
+    parser.add_argument("--version", action="version", version=f"orthanc-ai {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     default_config = str(PROJECT_ROOT / "orthanc.json")
     for name in ("serve", "demo"):
@@ -382,6 +417,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--http-port", type=int, default=8042)
         p.add_argument("--dicom-port", type=int, default=4242)
         p.add_argument("--config", default=default_config, help="base Orthanc configuration")
+    sub.choices["serve"].add_argument(
+        "--orthanc", choices=("debian", "current"),
+        default=os.environ.get("ORTHANC_AI_ORTHANC", "debian"),
+        help="debian: this machine's Orthanc; current: Orthanc 1.13 from Debian forky in "
+             "build/orthanc-current (make current-orthanc); env ORTHANC_AI_ORTHANC")
     demo = sub.choices["demo"]
     demo.add_argument("--exit", action="store_true", help="exit after printing the results")
     demo.add_argument("--patients", type=int, default=4)
