@@ -24,6 +24,7 @@ from typing import Any
 
 from engine.config import (
     PROJECT_ROOT,
+    AIConfig,
     ConfigError,
     check_peers,
     load_orthanc_json,
@@ -96,11 +97,11 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     # and ours, freed memory stays mapped and the resident size creeps up.
     env.setdefault("MALLOC_ARENA_MAX", "2")
     if getattr(args, "orthanc", "debian") == "current":
-        return _in_current_root(config, path, data, env)
+        return _in_current_root(config, ai, path, data, env)
     return [ORTHANC, str(path)], env
 
 
-def _in_current_root(config: dict, path: Path, data: Path,
+def _in_current_root(config: dict, ai_config: AIConfig, path: Path, data: Path,
                      env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     """Orthanc 1.13 in the forky root; the models on our server outside it.
 
@@ -111,7 +112,6 @@ def _in_current_root(config: dict, path: Path, data: Path,
     from engine import current_orthanc as current
     from plugin.model_server import start_model_server
 
-    ai_config = parse_ai_section(config.get("AI"))
     argv = current.command(["/usr/sbin/Orthanc", str(path)],
                            [PROJECT_ROOT, data, ai_config.models_directory])
     ai = dict(config.get("AI") or {})

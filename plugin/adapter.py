@@ -293,6 +293,11 @@ def _kept(callback: Any) -> Any:
     return callback
 
 
+def _register_rest(pattern: str, callback: Any) -> None:
+    """Every REST callback of ours goes through here, kept alive (``_kept``)."""
+    orthanc.RegisterRestCallback(pattern, _kept(callback))
+
+
 _status_with_size = [True]  # orthanc-python 4.0's form, until it is refused
 
 
@@ -329,8 +334,8 @@ def _serve_viewer(viewer: Viewer) -> None:
         output.AnswerBuffer(body, content_type)
 
     # Orthanc hands "/ohif/" to the callback of "/ohif": both are the viewer's start page.
-    orthanc.RegisterRestCallback("/ohif", _kept(files))
-    orthanc.RegisterRestCallback("/ohif/(.*)", files)
+    _register_rest("/ohif", files)
+    _register_rest("/ohif/(.*)", files)
     if not viewer.available():
         log.warning("orthanc-ai: the OHIF viewer is not installed in %s (make ohif)",
                     viewer.root)
@@ -375,7 +380,7 @@ def install() -> None:
     orthanc.RegisterOnStoredInstanceCallback(_on_stored_instance)
     orthanc.RegisterOnChangeCallback(_on_change)
     for pattern, method, fn in Api(_plugin).routes():
-        orthanc.RegisterRestCallback(pattern, _kept(_rest_handler(method, fn)))
+        _register_rest(pattern, _rest_handler(method, fn))
     _extend_explorer()
     if ai.ohif_directory:
         _serve_viewer(Viewer(PROJECT_ROOT / ai.ohif_directory))

@@ -29,8 +29,6 @@ IMAGE_ORTHANC = "1.13.0"
 CURRENT_ROOT = current_orthanc.ROOT
 
 
-
-
 # -- docker-compose.yml, as docker-compose renders it ---------------------------
 
 @pytest.fixture(scope="module")
@@ -181,8 +179,7 @@ def test_plugins_the_deployment_enables_exist(root: Path) -> None:
 
 
 def test_orthanc_version_is_the_image_one(root: Path) -> None:
-    status = (root / "var" / "lib" / "dpkg" / "status").read_text()
-    versions = dict(re.findall(r"^Package: (\S+)\n(?:[^\n]+\n)*?Version: (\S+)", status, re.M))
+    versions = current_orthanc.package_versions(root)
     assert versions["orthanc"].split("+")[0] == IMAGE_ORTHANC
     assert versions["orthanc-python"].split("+")[0].startswith("7.")
 
