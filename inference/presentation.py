@@ -64,6 +64,7 @@ from .report import (
     _tracking_uid,
     device_uid,
     refused_at,
+    software_versions,
     source_header,
 )
 from .uids import derived_uid
@@ -317,7 +318,7 @@ def build_companions(
         instance_number=_instance_number(header),
         manufacturer=MANUFACTURER,
         manufacturer_model_name=card.id[:_LO_MAX],
-        software_versions=card.version[:_LO_MAX],
+        software_versions=software_versions(card),
         institution_name=header.get("InstitutionName") or None,
         series_date=now.date(),
         series_time=now.time().replace(microsecond=0),

@@ -102,6 +102,7 @@ from .errors import BadInput, JobOutcome
 from .interval import Change, Comparison
 from .postprocess import Finding, Region, describe
 from .uids import derived_uid
+from .version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,18 @@ def _memoise_iod_pixel_check() -> None:
 _memoise_iod_pixel_check()
 
 MANUFACTURER = "orthanc-ai"
+
+
+def software_versions(card: ModelCard) -> list[str]:
+    """Software Versions (0018,1020), VM 1-n: the product's version, then the model's.
+
+    The model's version alone names the algorithm (it is also in the TID 4019
+    Algorithm Identification); the product's tells which orthanc-ai built the
+    object. Each value is an LO (64 characters at most).
+    """
+    return [__version__[:64], card.version[:64]]
+
+
 SR_SERIES_NUMBER = 9901
 UNIT_NONE = CodedConcept("1", "UCUM", "no units")
 UNIT_ML = CodedConcept("mL", "UCUM", "milliliter")
@@ -953,7 +966,7 @@ def _build_highdicom(card: ModelCard, findings: Sequence[Finding], prep: _Prepar
             previous_versions=[prep.predecessor] if prep.predecessor is not None else None,
             series_description=_series_description(card),
             manufacturer_model_name=card.id[:64],
-            software_versions=card.version[:64],
+            software_versions=software_versions(card),
             institution_name=prep.institution,
             content_date=now.date(),
             content_time=now.time().replace(microsecond=0),
@@ -1348,7 +1361,7 @@ def _build_fast(card: ModelCard, findings: Sequence[Finding],
     sr.SeriesDescription = _series_description(card)
     sr.Manufacturer = MANUFACTURER
     sr.ManufacturerModelName = card.id[:64]
-    sr.SoftwareVersions = card.version[:64]
+    sr.SoftwareVersions = software_versions(card)
     sr.SOPInstanceUID = str(prep.sop_uid)
     sr.SOPClassUID = str(Comprehensive3DSRStorage)
     sr.InstanceNumber = prep.instance_number

@@ -260,7 +260,11 @@ def sr_content(sr: Dataset) -> SrContent:
     if not content.algorithm_name:  # an SR without TID 4019: the device observer's model
         content.algorithm_name = device_model or str(sr.get("ManufacturerModelName", ""))
     if not content.algorithm_version:
-        content.algorithm_version = str(sr.get("SoftwareVersions", "") or "")
+        # VM 1-n: ours write [product version, model version]; the model's is last
+        versions = sr.get("SoftwareVersions", "") or ""
+        if not isinstance(versions, str):
+            versions = versions[-1] if len(versions) else ""
+        content.algorithm_version = str(versions)
     if not content.findings:
         raise BadInput("the SR holds no measurement group to report")
     return content

@@ -209,6 +209,27 @@ def test_missing_values_leave_fields_empty(card):
     assert str(m.segment("OBR")(4)) == "tiny-xr^Tiny test model 0.0.1^99ORTHANCAI"  # the model
 
 
+def _without_algorithm_identification(items) -> None:
+    """Drops the TID 4019 Algorithm Name/Version items, as an SR of another vendor may."""
+    for item in list(items):
+        names = item.get("ConceptNameCodeSequence") or []
+        code = names[0].CodeValue if names else ""
+        if code in ("111001", "111003"):
+            items.remove(item)
+        elif "ContentSequence" in item:
+            _without_algorithm_identification(item.ContentSequence)
+
+
+def test_without_tid_4019_the_version_is_the_model_s_of_software_versions(card):
+    sr = _sr(card, [Finding(0.7, 0.5, None)])
+    assert list(sr.SoftwareVersions)[-1] == "0.0.1"  # [product version, model version]
+    _without_algorithm_identification(sr.ContentSequence)
+    content = hl7_oru.sr_content(sr)
+    assert content.algorithm_version == "0.0.1"
+    sr.SoftwareVersions = "3.1"  # single-valued, as most vendors write it
+    assert hl7_oru.sr_content(sr).algorithm_version == "3.1"
+
+
 def test_the_control_id_is_derived_from_the_sr(card):
     sr = _sr(card, [Finding(0.7, 0.5, None)])
     first = _parsed(build_oru(sr, CONFIG, now=NOW))

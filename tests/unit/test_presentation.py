@@ -29,6 +29,7 @@ from inference.presentation import (
 )
 from inference.report import MANUFACTURER, SR_SERIES_NUMBER, build_sr
 from inference.routing import is_own_output, may_be_own_output, non_image_reason
+from inference.version import __version__
 from tests.dicom_tools import dciodvfy_errors, first_content_item
 from tests.factories import synthetic_dx
 
@@ -150,7 +151,8 @@ def test_both_are_ours_in_the_srs_study_with_its_patient_and_study_attributes(
     pr, ko = (_valid(ds, tmp_path) for ds in made)
     for ds in (pr, ko):
         assert ds.Manufacturer == MANUFACTURER == "orthanc-ai"
-        assert ds.ManufacturerModelName == xr_card.id and ds.SoftwareVersions == xr_card.version
+        assert ds.ManufacturerModelName == xr_card.id
+        assert list(ds.SoftwareVersions) == [__version__, xr_card.version]
         assert xr_card.id in ds.SeriesDescription and xr_card.version in ds.SeriesDescription
         for keyword in ("PatientID", "PatientName", "PatientSex", "PatientAge",
                         "PatientBirthDate", "StudyInstanceUID", "StudyDate", "StudyTime",

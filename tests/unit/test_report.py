@@ -32,6 +32,7 @@ from inference.errors import BadInput
 from inference.interval import Change, Comparison, PriorFinding, PriorReference, compare
 from inference.postprocess import Finding, Region
 from inference.report import build_sr, build_sr_highdicom, device_uid, sr_uids
+from inference.version import __version__
 from tests.dicom_tools import DCIODVFY, dciodvfy_errors
 from tests.factories import card_json, write_card
 
@@ -137,6 +138,19 @@ def _items(ds, found=None):
         found.append(item)
         _items(item, found)
     return found
+
+
+def test_software_versions_name_the_product_then_the_model(card, source, tmp_path):
+    """Software Versions (VM 1-n): orthanc-ai's version, then the model's; in both builds,
+    valid, and the UIDs (source UIDs + model id + model version) unchanged by it."""
+    finding = Finding(0.87, 0.5, Region(100.0, 200.0, 180.5, 260.25))
+    fast = build_sr(source, card, [finding], now=NOW)
+    direct = build_sr_highdicom(source, card, [finding], now=NOW)
+    for sr in (fast, direct):
+        path, back = _save_and_read(sr, tmp_path)
+        assert list(back.SoftwareVersions) == [__version__, card.version]
+        assert dciodvfy_errors(path) == []
+    assert fast.SOPInstanceUID == direct.SOPInstanceUID == sr_uids(source, card)[1]
 
 
 def test_positive_finding_sr_is_valid_and_complete(card, source, tmp_path):
