@@ -21,6 +21,7 @@ from engine.deliveries import deliveries
 from engine.metrics import latency_summary, render
 from engine.stores import STATES, InboxKind, Job, JobKind
 from engine.summary import result_summary
+from inference.version import __version__
 
 from . import access
 from .status_page import render_status
@@ -315,7 +316,7 @@ class Api:
         """Everything the status page shows, as plain values."""
         plugin, store, sup = self.plugin, self.plugin.store, self.plugin.supervisor
         out: dict[str, Any] = {
-            "node": plugin.node, "ready": bool(sup and sup.ready()),
+            "node": plugin.node, "version": __version__, "ready": bool(sup and sup.ready()),
             "generated": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "workers": sup.describe() if sup is not None else [],
             "model_window": MODEL_WINDOW,
@@ -393,7 +394,8 @@ class Api:
                 for n in sorted(nodes.values(), key=lambda n: n["node"])]
 
     def models(self, query: Mapping[str, str]) -> Response:
-        """The installed models; ``ready``: a worker has loaded them and takes jobs."""
+        """The installed models; ``ready``: a worker has loaded them and takes jobs;
+        ``version``: orthanc-ai's own (each model has its own in ``models``)."""
         sup = self.plugin.supervisor
         described = self.plugin.registry.describe()
         states = sup.model_states() if sup is not None else {}
@@ -402,7 +404,8 @@ class Api:
         disabled = [{"folder": k, "error": v["reason"]} for k, v in states.items()
                     if v.get("state") == "disabled"]
         described["errors"] = described["errors"] + disabled
-        return _json(200, {"ready": bool(sup and sup.ready()), **described})
+        return _json(200, {"version": __version__, "ready": bool(sup and sup.ready()),
+                           **described})
 
     def health(self, query: Mapping[str, str]) -> Response:
         sup = self.plugin.supervisor

@@ -342,6 +342,7 @@ def render_status(status: Mapping[str, Any], *, admin: bool) -> str:
         f'<noscript><meta http-equiv="refresh" content="{REFRESH_SECONDS}"></noscript>'
         f"<style>{_STYLE}</style><script>{_SCRIPT}</script></head><body>"
         f'<header><h1>AI status</h1><span>{e(status.get("node"))}</span>'
+        f'<span id="ai-version" class="muted">orthanc-ai {e(status.get("version"))}</span>'
         f'<span class="muted">{e(status.get("generated"))}, refreshed every '
         f"{REFRESH_SECONDS} s</span>"
         '<a href="../app/explorer.html">Orthanc Explorer</a>'

@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from inference.version import __version__
+
 from . import messages as m
 from .log import AuditLog
 from .messages import Participant, Study
@@ -127,11 +129,16 @@ class Audit:
 
     def application(self, started: bool, *, launcher: str = "",
                     outcome: int = m.SUCCESS) -> int | None:
-        """Application Activity: Start (110120) or Stop (110121)."""
+        """Application Activity: Start (110120) or Stop (110121).
+
+        A.5.3.1 leaves the application's UserName "not specialized": it names the
+        product, its version and the process, so the trail tells which orthanc-ai
+        ran from when to when.
+        """
         who = Participant(launcher, True, host=self.host) if launcher else None
         app = Participant(self.aet, False, host=self.host,
                           alternative_user_id=f"AETITLES={self.aet}",
-                          user_name=f"orthanc-ai pid {os.getpid()}")
+                          user_name=f"orthanc-ai {__version__} pid {os.getpid()}")
         return self._safe(m.application_activity, started, app, self.source_id, launcher=who,
                           outcome=outcome)
 

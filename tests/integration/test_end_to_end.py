@@ -14,6 +14,7 @@ from engine.config import PROJECT_ROOT
 from inference.backend import Batch, InProcessBackend
 from inference.card import ModelCard
 from inference.preprocess import prepare_radiograph
+from inference.version import __version__
 from tests.dicom_tools import dciodvfy_errors
 from tests.factories import synthetic_dx
 
@@ -247,6 +248,7 @@ def test_metrics_are_prometheus_text(server, sent):
 def test_models_lists_the_card_with_its_metrics(server, card):
     models = server.get("/ai/models")
     assert models["ready"] is True
+    assert models["version"] == __version__  # the product's; each model has its own
     (listed,) = [m for m in models["models"] if m["id"] == card.id]
     assert listed["version"] == card.version
     metrics = listed["metrics"]

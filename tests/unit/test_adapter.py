@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from engine.config import ConfigError
+from inference.version import __version__
 from tests.orthanc_stub import RestOutput, StrictOrthanc
 
 
@@ -107,6 +108,7 @@ def test_rest_routes_answer_json_and_check_method(load_adapter, tmp_path):
     assert b"orthanc_ai_queue_depth" in out.body and b"orthanc_ai_workers" in out.body
     models = json.loads(_call(stub, "/ai/models").body)
     assert models["ready"] is False  # no worker has loaded anything yet
+    assert models["version"] == __version__
     health = json.loads(_call(stub, "/ai/health").body)
     assert health["queue"]["reachable"] is True and health["workers"] == []
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from engine.audit import messages as m
 from engine.audit.log import AuditLog, Entry, verify
 from engine.audit.syslog import Forwarder, format_message, frame, parse_frames
 from engine.standins.audit_repository import SyslogReceiver, parse_syslog
+from inference.version import __version__
 
 ORTHANC_AI = str(Path(sys.executable).parent / "orthanc-ai")
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -77,6 +79,8 @@ def test_messages_carry_the_participants_and_objects(tmp_path):
     assert by["110100"][1].find("EventIdentification/EventTypeCode").get("csd-code") == \
         "110121"
     assert start.find("AuditSourceIdentification").get("AuditSourceID") == "node-1:8042"
+    app = start.find("ActiveParticipant/RoleIDCode[@csd-code='110150']/..")
+    assert app.get("UserName") == f"orthanc-ai {__version__} pid {os.getpid()}"
     accessed = by["110103"][0]
     study = accessed.find("ParticipantObjectIdentification[@ParticipantObjectTypeCode='2']")
     assert study.get("ParticipantObjectID") == STUDY

@@ -39,7 +39,7 @@ def _job(id_: int, state: str, **kw) -> dict:
 
 def _status(**kw) -> dict:
     status = {
-        "node": "node-a", "ready": True, "generated": "2026-12-02 07:00:02 UTC",
+        "node": "node-a", "version": "9.8.7", "ready": True, "generated": "2026-12-02 07:00:02 UTC",
         "workers": [{"index": 0, "pid": 123, "state": "ready", "restarts": 0,
                      "last_exit": None, "started": "2026-12-02T06:59:00Z"}],
         "nodes": [{"node": "node-a", "running": 0, "jobs": 3, "last_update": "x"}],
@@ -129,6 +129,7 @@ def test_jobs_table_lists_state_reason_finding_and_links():
 def test_page_sections_queue_workers_models_deliveries_audit():
     page = render_status(_status(), admin=False)
     assert '<strong id="ai-queue-depth">4</strong>' in page  # inbox 2 + queued 1 + running 1
+    assert '<span id="ai-version" class="muted">orthanc-ai 9.8.7</span>' in page
     assert 'id="ai-worker-table"' in page and ">123<" in page
     assert "limb-fracture-xr" in page.split('id="ai-model-table"', 1)[1]
     assert ">infer<" in page and "end to end" in page
