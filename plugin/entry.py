@@ -20,9 +20,12 @@ ROOT = os.path.dirname(HERE)
 # Our own folder on sys.path would let plugin/*.py shadow top-level modules.
 while HERE in sys.path:
     sys.path.remove(HERE)
-_site = os.environ.get("ORTHANC_AI_SITE_PACKAGES") or os.path.join(
-    ROOT, ".venv", "lib", "python{}.{}".format(*sys.version_info[:2]), "site-packages"
-)
+# From a wheel, ROOT is <venv>/lib/pythonX.Y/site-packages/orthanc_ai (see
+# orthanc_ai/__init__.py); in a checkout, the venv is ROOT/.venv.
+_installed = os.path.basename(os.path.dirname(ROOT)) == "site-packages"
+_site = os.environ.get("ORTHANC_AI_SITE_PACKAGES") or (
+    os.path.dirname(ROOT) if _installed else os.path.join(
+        ROOT, ".venv", "lib", "python{}.{}".format(*sys.version_info[:2]), "site-packages"))
 # The venv (and the project) must come before Debian's dist-packages, which
 # the embedded interpreter also searches: an older Debian module shadowing
 # the venv's (e.g. one pulled in by docker-compose) crashed TensorFlow's import.
@@ -30,6 +33,11 @@ _before = [p for p in sys.path if p != ROOT]
 if os.path.isdir(_site):
     site.addsitedir(_site)  # also runs the venv's .pth files
 sys.path[:] = [ROOT] + [p for p in sys.path if p not in _before and p != ROOT] + _before
+
+# engine, inference, plugin and training must be ours, not another distribution's.
+import orthanc_ai  # noqa: E402
+
+orthanc_ai.claim(ROOT)
 
 # What the REST routes import late is imported now, on Orthanc's main thread:
 # with Python 3.14 (orthanc-python 7.1), code compiled or eval'd on Orthanc's

@@ -36,7 +36,10 @@ STABLE_SECONDS = 60.0  # a worker that lived this long starts again without dela
 
 
 def venv_python(site_packages: str | None) -> Path:
-    """``<venv>/bin/python`` for ``<venv>/lib/pythonX.Y/site-packages``."""
+    """``<venv>/bin/python`` for ``<venv>/lib/pythonX.Y/site-packages``; without it,
+    the venv we were installed into (a wheel), else the checkout's ``.venv``."""
+    if not site_packages and PROJECT_ROOT.parent.name == "site-packages":
+        site_packages = str(PROJECT_ROOT.parent)  # PROJECT_ROOT: site-packages/orthanc_ai
     if site_packages:
         candidate = Path(site_packages).resolve().parents[2] / "bin" / "python"
         if candidate.exists():

@@ -28,10 +28,12 @@ class OrthancAI:
 
     def __init__(self, data: Path, *, config: Path | None = None,
                  env: dict[str, str] | None = None,
-                 auth: tuple[str, str] | None = None) -> None:
+                 auth: tuple[str, str] | None = None,
+                 program: str = ORTHANC_AI, cwd: Path | None = None) -> None:
         self.data = data
         self.config = config
         self.env = env or {}
+        self.program, self.cwd = program, cwd  # another install's orthanc-ai, run from cwd
         self.http_port = free_port()
         self.dicom_port = free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
@@ -43,13 +45,13 @@ class OrthancAI:
     # -- life cycle ------------------------------------------------------------
 
     def start(self, wait_ready: bool = True, timeout: float = 180) -> OrthancAI:
-        cmd = [ORTHANC_AI, "serve", "--data", str(self.data), "--http-port",
+        cmd = [self.program, "serve", "--data", str(self.data), "--http-port",
                str(self.http_port), "--dicom-port", str(self.dicom_port)]
         if self.config is not None:
             cmd += ["--config", str(self.config)]
         self.data.mkdir(parents=True, exist_ok=True)
         log = open(self.data / "orthanc.log", "ab")  # noqa: SIM115 (owned by the process)
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.cwd,
                                      env={**os.environ, **self.env})
         log.close()
         deadline = time.time() + timeout
