@@ -5,6 +5,7 @@
     orthanc-ai check-config [--config FILE]
     orthanc-ai validate-model FOLDER
     orthanc-ai audit verify (--data DIR | --config FILE | --log FILE)
+    orthanc-ai model-server --models DIR [--host H] [--port P]
 """
 
 from __future__ import annotations
@@ -437,9 +438,15 @@ def main(argv: list[str] | None = None) -> int:
     from engine.audit.verify import cmd_verify
 
     add_audit_parser(sub)
+    from inference import server as model_server
+
+    model_server.add_arguments(sub.add_parser(
+        "model-server", help="serve the models over HTTP (AI.Backend \"http\") for Orthancs "
+                             "whose Python has no TensorFlow"))
     args = parser.parse_args(argv)
     handlers = {"serve": cmd_serve, "demo": cmd_demo, "check-config": cmd_check_config,
-                "validate-model": cmd_validate_model, "audit": cmd_verify}
+                "validate-model": cmd_validate_model, "audit": cmd_verify,
+                "model-server": lambda a: model_server.main(args=a)}
     try:
         return handlers[args.command](args)
     except (ConfigError, RoutingError) as exc:

@@ -127,8 +127,8 @@ def _exit_with_parent(parent: int, httpd: ThreadingHTTPServer) -> None:
     httpd.shutdown()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``python -m inference.server`` and ``orthanc-ai model-server``."""
     parser.add_argument("--models", type=Path, required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8501)
@@ -137,7 +137,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="exit when this process is gone (Orthanc killed with -9)")
     parser.add_argument("--listen-fd", type=int, default=-1,
                         help="serve on this inherited listening socket instead of --port")
-    args = parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> int:
+    if args is None:
+        parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+        add_arguments(parser)
+        args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     server = ModelServer(args.models, args.threads)
     if args.listen_fd >= 0:

@@ -12,6 +12,8 @@ import re
 import shutil
 import struct
 import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -97,30 +99,65 @@ def test_orthanc_enables_python_and_dicomweb_and_mounts_our_config(compose: dict
     assert any(":/var/lib/orthanc/db" in v for v in volumes)
 
 
+INSTALLED = f"/opt/orthanc-ai/.venv/lib/python{IMAGE_PYTHON}/site-packages/orthanc_ai"
+
+
 def test_ai_section_uses_the_model_server_on_the_compose_network() -> None:
     configuration = load_orthanc_json(AI_JSON)
-    assert configuration["PythonScript"] == "/opt/orthanc-ai/plugin/entry.py"
+    # The installed copy's script; its folder tells it where the venv is.
+    assert configuration["PythonScript"] == f"{INSTALLED}/plugin/entry.py"
     ai = parse_ai_section(configuration["AI"])
     assert ai.backend == "http"
     assert ai.model_server_url == "http://model-server:8501"
-    assert str(ai.models_directory) == "/opt/orthanc-ai/models"
+    assert str(ai.models_directory) == "/opt/orthanc-ai/models"  # the compose file's mount
     cmd = MODEL_SERVER_DOCKERFILE.read_text()
-    assert '"inference.server"' in cmd and '"8501"' in cmd and '"0.0.0.0"' in cmd
+    assert '"model-server"' in cmd and '"8501"' in cmd and '"0.0.0.0"' in cmd
 
 
-def test_the_venv_is_where_the_plugin_and_supervisor_look() -> None:
-    """entry.py adds ROOT/.venv/lib/pythonX.Y/site-packages; the supervisor
-    starts workers with ROOT/.venv/bin/python (ROOT: the folder above plugin/)."""
+def _copies(dockerfile: Path) -> list[tuple[str, str]]:
+    """(source, destination) of each COPY into the build folder /tmp/orthanc-ai."""
+    out = []
+    for line in dockerfile.read_text().splitlines():
+        if line.startswith("COPY ") and "/tmp/orthanc-ai/" in line:
+            *sources, destination = line.split()[1:]
+            out += [(source, destination) for source in sources]
+    return out
+
+
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE, MODEL_SERVER_DOCKERFILE],
+                         ids=["orthanc", "model-server"])
+def test_the_copied_sources_build_the_wheel(dockerfile: Path, tmp_path: Path) -> None:
+    """What each Dockerfile copies is enough for `pip install /tmp/orthanc-ai`:
+    the wheel built from exactly those files has the packages and their files."""
+    build = tmp_path / "orthanc-ai"
+    for source, destination in _copies(dockerfile):
+        target = build / destination.removeprefix("/tmp/orthanc-ai/")
+        if destination.endswith("/") and not (PROJECT_ROOT / source).is_dir():
+            target = target / Path(source).name
+        if (PROJECT_ROOT / source).is_dir():
+            shutil.copytree(PROJECT_ROOT / source, target,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(PROJECT_ROOT / source, target)
+    proc = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation",
+                           "--outdir", str(tmp_path / "dist"), str(build)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for needed in ("orthanc_ai/__init__.py", "orthanc_ai/plugin/entry.py",
+                   "orthanc_ai/engine/worker.py", "orthanc_ai/inference/server.py",
+                   "orthanc_ai/orthanc/explorer.js", "orthanc_ai/orthanc.json"):
+        assert needed in names, needed
+    assert "pip install --no-cache-dir -c /tmp/orthanc-ai/requirements.lock /tmp/orthanc-ai" \
+        in dockerfile.read_text()
+
+
+def test_the_venv_is_made_with_the_image_python_where_the_script_is() -> None:
     text = DOCKERFILE.read_text()
     assert "python3 -m venv /opt/orthanc-ai/.venv" in text
-    assert "COPY plugin /opt/orthanc-ai/plugin" in text
-    for package in ("plugin", "engine", "inference", "models"):
-        assert f"COPY {package} /opt/orthanc-ai/{package}" in text
     assert "tensorflow" not in text.split("RUN python3 -m venv")[1].split("COPY")[0].lower()
-    entry = (PROJECT_ROOT / "plugin" / "entry.py").read_text()
-    assert '".venv", "lib"' in entry
-    supervisor = (PROJECT_ROOT / "plugin" / "supervisor.py").read_text()
-    assert '".venv" / "bin" / "python"' in supervisor
 
 
 # -- the Dockerfile's assumptions, against the forky root -------------------------
