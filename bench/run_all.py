@@ -203,6 +203,14 @@ def bare_compute(files: list[Path], models: Path, batch_size: int = 8) -> dict[s
             "bare_single_s": statistics.median(singles)}
 
 
+# Top-level Orthanc settings of every measured server (--allow-threads).
+ORTHANC_SETTINGS: dict[str, Any] = {}
+
+
+def _config(path: Path, **ai: Any) -> Path:
+    return write_config(path, orthanc=ORTHANC_SETTINGS, **ai)
+
+
 # -- (a) ingest ----------------------------------------------------------------
 
 def bench_ingest(work: Path, files: list[Path], extra: dict, repeats: int = 3) -> dict:
@@ -212,8 +220,8 @@ def bench_ingest(work: Path, files: list[Path], extra: dict, repeats: int = 3) -
     write-back, other tenants), so one pair alone can mislead either way. The
     callback's own cost is read from /ai/health after each run with the plugin.
     """
-    on = write_config(work / "on.json", **extra)
-    off = write_config(work / "off.json", Enabled=False)
+    on = _config(work / "on.json", **extra)
+    off = _config(work / "off.json", Enabled=False)
     rates: dict[str, list[float]] = {"off": [], "on": []}
     callbacks: list[dict] = []
     for k in range(repeats):
@@ -290,7 +298,7 @@ def backlog_server(work: Path, name: str, files: list[Path], extra: dict,
     from engine.stores import open_store
 
     data = work / name
-    down = OrthancAI(data, config=write_config(work / f"{name}-off.json", Enabled=False))
+    down = OrthancAI(data, config=_config(work / f"{name}-off.json", Enabled=False))
     down.start(wait_ready=False)
     log(phase, f"storing {len(files)} images with the plugin off")
     down.storescu(files)
@@ -299,7 +307,7 @@ def backlog_server(work: Path, name: str, files: list[Path], extra: dict,
     store = open_store(data / "orthanc-db" / "orthanc-ai" / "jobs.sqlite")
     store.add_changes([], 0)
     store.close()
-    server = OrthancAI(data, config=write_config(work / f"{name}.json", **extra))
+    server = OrthancAI(data, config=_config(work / f"{name}.json", **extra))
     server.http_port, server.dicom_port, server.url = down.http_port, down.dicom_port, down.url
     try:
         rate = work_backlog([server], len(files), phase)
@@ -440,7 +448,7 @@ def bench_stream(work: Path, n: int, extra: dict, idle_rate: float,
     files = dx_corpus(work / "stream-dx", n + backlog, base_images=10, seed=8800,
                       spacing_mm=0.2)
     data = work / "stream"
-    down = OrthancAI(data, config=write_config(work / "stream-off.json", Enabled=False))
+    down = OrthancAI(data, config=_config(work / "stream-off.json", Enabled=False))
     down.start(wait_ready=False)
     log("stream", f"storing a backlog of {backlog} images with the plugin off")
     down.storescu(files[:backlog])
@@ -448,7 +456,7 @@ def bench_stream(work: Path, n: int, extra: dict, idle_rate: float,
     store = open_store(data / "orthanc-db" / "orthanc-ai" / "jobs.sqlite")
     store.add_changes([], 0)  # the plugin's first start works the whole log
     store.close()
-    server = OrthancAI(data, config=write_config(work / "stream.json", **extra))
+    server = OrthancAI(data, config=_config(work / "stream.json", **extra))
     server.http_port, server.dicom_port, server.url = down.http_port, down.dicom_port, down.url
     server.start()
     try:
@@ -538,8 +546,8 @@ def bench_memory(work: Path, small: int, large: int, extra: dict,
     log("memory", f"preparing {large} images")
     files = dx_corpus(work / "mem-dx", large, base_images=10, seed=9000, spacing_mm=0.5)
     out["memory_instances"] = [small, large]
-    for name, config in (("off", write_config(work / "mem-off.json", Enabled=False)),
-                         ("on", write_config(work / "mem-on.json", **extra))):
+    for name, config in (("off", _config(work / "mem-off.json", Enabled=False)),
+                         ("on", _config(work / "mem-on.json", **extra))):
         server = OrthancAI(work / f"memory-{name}", config=config).start(
             wait_ready=name == "on")
         try:
@@ -679,7 +687,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="AI.WorkerScheduling of the measured servers")
     parser.add_argument("--only", choices=MEASURES, action="append",
                         help="run only these measures (default: all)")
+    parser.add_argument("--allow-threads", choices=("true", "false"),
+                        help="Python.AllowThreads of the measured Orthancs (orthanc-python "
+                             ">= 4.3; serve --orthanc current sets true); default: unset")
     args = parser.parse_args(argv)
+    if args.allow_threads:
+        ORTHANC_SETTINGS["Python"] = {"AllowThreads": args.allow_threads == "true"}
     sizes = (40, (50, 200), 120) if args.quick else (200, (500, 5000), 600)
     args.images = args.images or sizes[0]
     args.memory = tuple(args.memory or sizes[1])
@@ -693,6 +706,8 @@ def main(argv: list[str] | None = None) -> int:
              "PresentationStates": False}
     report: dict[str, Any] = {
         "backend": args.backend, "workers": args.workers, "scheduling": args.scheduling,
+        "orthanc": os.environ.get("ORTHANC_AI_ORTHANC", "debian"),
+        "allow_threads": args.allow_threads,
         "n_images": args.images,
         "measures": sorted(only), "date": time.strftime("%Y-%m-%d %H:%M"),
         "cpus": os.cpu_count(), "errors": {}}
@@ -741,6 +756,7 @@ def main(argv: list[str] | None = None) -> int:
     name += "" if (args.backend, args.workers) == ("in-process", 1) else \
         f"-{args.backend}-w{args.workers}"
     name += "" if args.scheduling == "normal" else f"-{args.scheduling}"
+    name += "" if not args.allow_threads else f"-allowthreads-{args.allow_threads}"
     (args.out / f"{name}.json").write_text(json.dumps(report, indent=2))
     plot(report, args.out / f"{name}.png")
     print_table(report)

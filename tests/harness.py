@@ -167,13 +167,14 @@ def outputs(jobs: Iterable[dict[str, Any]]) -> int:
     return count
 
 
-def write_config(path: Path, **ai: Any) -> Path:
-    """The project's orthanc.json with AI keys changed, for tests and benchmarks."""
+def write_config(path: Path, *, orthanc: dict[str, Any] | None = None, **ai: Any) -> Path:
+    """The project's orthanc.json with AI keys (and top-level ``orthanc`` ones)
+    changed, for tests and benchmarks."""
     import json
 
     from engine.config import load_orthanc_json
 
-    config = load_orthanc_json(ROOT / "orthanc.json")
+    config = {**load_orthanc_json(ROOT / "orthanc.json"), **(orthanc or {})}
     stable_age = ai.pop("StableAge", None)
     if stable_age is not None:
         config["StableAge"] = stable_age
