@@ -62,6 +62,61 @@ def orthanc_config(base: dict[str, Any], data: Path, http_port: int, dicom_port:
     return config
 
 
+# What an Orthanc newer than Debian 12's 1.10.1 / orthanc-python 4.0 lets `serve`
+# switch on: (package, first version, setting). The user's configuration wins.
+CAPABILITIES = (
+    ("orthanc", (1, 12, 10), "HttpBindAddresses"),  # the HTTP server on loopback only
+    ("orthanc-python", (4, 3), "Python.AllowThreads"),  # the GIL released in SDK calls
+)
+
+
+def _version(text: str | None) -> tuple[int, ...]:
+    """``1:1.13.0+dfsg-1+b1`` -> (1, 13, 0); () when unknown."""
+    if not text:
+        return ()
+    numbers = text.split(":", 1)[-1].split("+")[0].split("-")[0].split("~")[0]
+    try:
+        return tuple(int(n) for n in numbers.split("."))
+    except ValueError:
+        return ()
+
+
+def orthanc_versions(root: Path | None = None, binary: str = ORTHANC) -> dict[str, str]:
+    """The Orthanc packages of this machine (or of a root), from dpkg; an Orthanc
+    not installed by dpkg gives its version on `Orthanc --version`."""
+    from engine.current_orthanc import package_versions
+
+    try:
+        versions = package_versions(root or Path("/"))
+    except OSError:
+        versions = {}
+    if "orthanc" not in versions and root is None:
+        try:
+            out = subprocess.run([binary, "--version"], capture_output=True, text=True,
+                                 timeout=30).stdout.split()
+            versions["orthanc"] = out[1] if len(out) > 1 else ""
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return versions
+
+
+def use_capabilities(config: dict[str, Any], versions: dict[str, str]) -> list[str]:
+    """Switch on in ``config`` what these versions offer (unless it is set); what was."""
+    used = []
+    for package, first, setting in CAPABILITIES:
+        if _version(versions.get(package)) < first:
+            continue
+        if setting == "HttpBindAddresses" and setting not in config:
+            config[setting] = ["127.0.0.1"]
+            used.append("HttpBindAddresses 127.0.0.1")
+        elif setting == "Python.AllowThreads":
+            python = config.setdefault("Python", {})
+            if "AllowThreads" not in python:
+                python["AllowThreads"] = True
+                used.append("Python.AllowThreads")
+    return used
+
+
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -89,6 +144,14 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     data = Path(args.data).resolve()
     data.mkdir(parents=True, exist_ok=True)
     config = orthanc_config(base, data, args.http_port, args.dicom_port)
+    current = getattr(args, "orthanc", "debian") == "current"
+    from engine import current_orthanc
+
+    versions = orthanc_versions(current_orthanc.ROOT if current else None)
+    used = use_capabilities(config, versions)
+    print(f"orthanc-ai: Orthanc {versions.get('orthanc', 'of unknown version')}, Python plugin "
+          f"{versions.get('orthanc-python', 'of unknown version')}"
+          + (f": {', '.join(used)}" if used else ""), file=sys.stderr, flush=True)
     path = data / "orthanc.json"
     path.write_text(json.dumps(config, indent=2), encoding="utf-8")
     env = dict(os.environ)
@@ -97,7 +160,7 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     # glibc gives each thread its own malloc arena; with Orthanc's many threads
     # and ours, freed memory stays mapped and the resident size creeps up.
     env.setdefault("MALLOC_ARENA_MAX", "2")
-    if getattr(args, "orthanc", "debian") == "current":
+    if current:
         return _in_current_root(config, ai, path, data, env)
     return [ORTHANC, str(path)], env
 
@@ -121,11 +184,6 @@ def _in_current_root(config: dict, ai_config: AIConfig, path: Path, data: Path,
                                     ai_config.tensorflow_threads)
         ai.update({"Backend": "http", "ModelServerUrl": url})
         config["AI"] = ai
-    # orthanc-python >= 4.3 can release the GIL during SDK calls (4.0 cannot).
-    config.setdefault("Python", {}).setdefault("AllowThreads", True)
-    # Orthanc >= 1.12 binds its HTTP server to loopback itself (1.10 only refuses
-    # remote clients); no Orthanc offers this for the DICOM port.
-    config.setdefault("HttpBindAddresses", ["127.0.0.1"])
     path.write_text(json.dumps(config, indent=2), encoding="utf-8")
     env["ORTHANC_AI_SITE_PACKAGES"] = current.site_packages()
     return argv, env

@@ -17,6 +17,7 @@ from inference.preprocess import prepare_radiograph
 from inference.version import __version__
 from tests.dicom_tools import dciodvfy_errors
 from tests.factories import synthetic_dx
+from tests.harness import CURRENT
 
 MODEL = PROJECT_ROOT / "models" / "limb-fracture-xr"
 
@@ -273,3 +274,21 @@ def test_reprocessing_a_study_keeps_one_sr_per_image_and_model_version(server, s
     r = server.http.post(server.url + f"/ai/studies/{'0' * 8}{'-00000000' * 4}/reprocess",
                          timeout=10)
     assert r.status_code == 404
+
+
+def _listening(port: int) -> set[str]:
+    """The IPv4 addresses a TCP port is listening on, from /proc/net/tcp."""
+    found = set()
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:  # LISTEN
+            found.add(".".join(str(b) for b in reversed(bytes.fromhex(address))))
+    return found
+
+
+def test_http_listens_on_loopback_where_the_orthanc_version_allows(server):
+    # 1.12.10 and later: HttpBindAddresses; 1.10.1 listens everywhere and refuses
+    # remote clients (RemoteAccessAllowed false). The DICOM port: everywhere on both.
+    assert _listening(server.http_port) == ({"127.0.0.1"} if CURRENT else {"0.0.0.0"})
+    assert _listening(server.dicom_port) == {"0.0.0.0"}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from engine import cli
 from engine import current_orthanc as current
 
 
@@ -63,3 +64,32 @@ def test_command_binds_paths_at_their_own_place_and_keeps_the_pid(tmp_path: Path
     assert script.endswith('exec chroot "$R" "$@"')  # exec all the way: Orthanc keeps the pid
     # The script is valid sh (parsed, not run).
     subprocess.run(["sh", "-n", "-c", script], check=True)
+
+
+# -- what serve switches on, by version -------------------------------------------
+
+@pytest.mark.parametrize(("versions", "expected"), [
+    ({"orthanc": "1.10.1+dfsg-2+deb12u1", "orthanc-python": "4.0+ds-1+b7"}, {}),  # bookworm
+    ({"orthanc": "1.12.7+dfsg-1", "orthanc-python": "5.0+ds-1"},  # trixie
+     {"Python": {"AllowThreads": True}}),
+    ({"orthanc": "1.12.10"}, {"HttpBindAddresses": ["127.0.0.1"]}),  # no Python package known
+    ({"orthanc": "1.13.0+dfsg-1+b1", "orthanc-python": "7.1+ds-1+b2"},  # forky
+     {"HttpBindAddresses": ["127.0.0.1"], "Python": {"AllowThreads": True}}),
+    ({"orthanc": "mainline"}, {}),
+])
+def test_serve_uses_what_the_orthanc_version_offers(versions, expected) -> None:
+    config: dict = {}
+    cli.use_capabilities(config, versions)
+    assert config == expected
+
+
+def test_the_configuration_wins_over_the_capabilities() -> None:
+    config = {"HttpBindAddresses": ["10.0.0.2"], "Python": {"AllowThreads": False}}
+    assert cli.use_capabilities(config, {"orthanc": "1.13.0", "orthanc-python": "7.1"}) == []
+    assert config == {"HttpBindAddresses": ["10.0.0.2"], "Python": {"AllowThreads": False}}
+
+
+def test_versions_of_this_machine_and_of_the_root(tmp_path: Path) -> None:
+    assert cli.orthanc_versions(fake_root(tmp_path))["orthanc"] == "1.13.0+dfsg-1+b1"
+    here = cli.orthanc_versions()  # Debian 12's packages (scripts/install-debian.sh)
+    assert here["orthanc"].startswith("1.10.1") and here["orthanc-python"].startswith("4.0")
