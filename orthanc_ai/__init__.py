@@ -11,9 +11,10 @@ with the files they read at run time (``orthanc.json``, ``orthanc/*.js``,
 Nothing else goes into site-packages, and another distribution's
 ``import inference`` still finds its own.
 
-Our processes (the ``orthanc-ai`` command, the script Orthanc loads, the
-workers) put :data:`ROOT` first on ``sys.path`` and call :func:`claim`, which
-refuses to go on when one of the four names would come from elsewhere.
+The ``orthanc-ai`` command and the script Orthanc loads put :data:`ROOT`
+first on ``sys.path`` and call :func:`claim`, which refuses to go on when one
+of the four names would come from elsewhere; the workers and the model server
+they start get ROOT first through ``PYTHONPATH``.
 This module imports nothing of ours.
 """
 
