@@ -4,12 +4,15 @@ distribution's ``inference``, and served from outside the checkout.
 
 The fresh venv gets our dependencies through a .pth line naming this venv's
 site-packages (no download of TensorFlow again); ``pip check`` confirms that
-they satisfy the wheel's requirements. Debian 12's Orthanc only: a wheel has
-no forky root (``serve --orthanc current`` needs a checkout).
+they satisfy the wheel's requirements. Run once, in the Debian 12 pass: the
+last test installs the wheel as orthanc/Dockerfile does, on the forky root's
+Orthanc 1.13.0 and Python 3.14 (``serve --orthanc current`` itself needs a
+checkout).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -23,11 +26,13 @@ from pathlib import Path
 import pytest
 import requests
 
-from engine.cli import ORTHANC, orthanc_config
+from engine import current_orthanc
+from engine.cli import ORTHANC, orthanc_config, use_capabilities
 from engine.config import PROJECT_ROOT, load_orthanc_json
 from engine.demo import free_port
 from inference.card import ModelCard
 from inference.version import __version__
+from plugin.model_server import start_model_server
 from tests.factories import synthetic_dx
 from tests.harness import OrthancAI
 
@@ -115,52 +120,108 @@ def test_serves_and_reports_from_the_wheel(venv, tmp_path):
         assert {m["id"] for m in models["models"]} == {"limb-fracture-xr", "head-ct-haemorrhage"}
         (worker,) = server.get("/ai/health")["workers"]
         assert os.readlink(f"/proc/{worker['pid']}/cwd") == str(installed)
-        argv = Path(f"/proc/{worker['pid']}/cmdline").read_bytes().split(b"\0")
-        assert argv[0].decode() == str(venv / "bin" / "python")
+        assert _worker_python(server) == str(venv / "bin" / "python")
 
-        buf = io.BytesIO()
-        synthetic_dx(5).save_as(buf, enforce_file_format=True)
-        instance = server.upload(buf.getvalue())["ID"]
-        (job,) = server.wait_jobs([instance], timeout=120)
-        assert job["state"] == "done", job
-        card = ModelCard.from_folder(installed / "models" / "limb-fracture-xr")
-        versions = server.get_bytes(f"/instances/{job['result']['sr_instance']}"
-                                    "/content/0018-1020").decode().strip("\0 ")
-        assert versions.split("\\") == [__version__, card.version]
+        _analyse(server, installed)
 
 
-def test_an_orthanc_configured_by_hand_loads_the_installed_script(venv, tmp_path):
-    """As in the Docker image: no `serve`, Orthanc's own configuration names the
-    installed plugin/entry.py, and nothing tells it where the venv is."""
-    installed = next((venv / "lib").glob("python3.*/site-packages")) / "orthanc_ai"
-    http_port, dicom_port = free_port(), free_port()
-    config = orthanc_config(load_orthanc_json(installed / "orthanc.json"), tmp_path / "data",
-                            http_port, dicom_port)
+def _hand_config(installed: Path, data: Path, **ai) -> tuple[dict, int]:
+    """Orthanc's configuration as an admin writes it: the installed script named,
+    the AI section pointing into the installed package."""
+    http_port = free_port()
+    config = orthanc_config(load_orthanc_json(installed / "orthanc.json"), data, http_port,
+                            free_port())
     config["PythonScript"] = str(installed / "plugin" / "entry.py")
     config["AI"] = {**config.get("AI", {}), "ModelsDirectory": str(installed / "models"),
-                    "OhifDirectory": ""}
-    (tmp_path / "orthanc.json").write_text(json.dumps(config))
+                    "OhifDirectory": "", **ai}
+    return config, http_port
+
+
+@contextlib.contextmanager
+def _orthanc(argv: list[str], http_port: int, tmp_path: Path):
+    """Orthanc started as given, without `serve`: nothing tells the script where
+    the venv is. Yields a client (the harness's HTTP helpers) once the models are ready."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("ORTHANC_AI_SITE_PACKAGES", "PYTHONPATH", "VIRTUAL_ENV")}
     with open(tmp_path / "orthanc.log", "wb") as log:
-        proc = subprocess.Popen([ORTHANC, str(tmp_path / "orthanc.json")], cwd=tmp_path,
-                                stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(argv, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                                env=env)
+    client = OrthancAI(tmp_path)  # not started: its HTTP helpers, on our port
+    client.http_port, client.url = http_port, f"http://127.0.0.1:{http_port}"
     try:
-        session = requests.Session()
-        session.trust_env = False
         deadline, models = time.time() + 120, {}
         while time.time() < deadline and proc.poll() is None and not models.get("ready"):
+            time.sleep(0.5)
             try:
-                models = session.get(f"http://127.0.0.1:{http_port}/ai/models", timeout=5).json()
+                models = client.get("/ai/models")
             except (requests.RequestException, ValueError):
-                time.sleep(0.5)
-        log_text = (tmp_path / "orthanc.log").read_text(errors="replace")
-        assert models.get("ready"), log_text[-3000:]
+                pass
+        assert models.get("ready"), client.log_tail(60)
         assert models["version"] == __version__
-        (worker,) = session.get(f"http://127.0.0.1:{http_port}/ai/health", timeout=5
-                                ).json()["workers"]
-        argv = Path(f"/proc/{worker['pid']}/cmdline").read_bytes().split(b"\0")
-        assert argv[0].decode() == str(venv / "bin" / "python")
+        yield client
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+def _worker_python(client: OrthancAI) -> str:
+    (worker,) = client.get("/ai/health")["workers"]
+    return Path(f"/proc/{worker['pid']}/cmdline").read_bytes().split(b"\0")[0].decode()
+
+
+def _analyse(client: OrthancAI, installed: Path) -> None:
+    """One radiograph in; its SR names the product's and the model's versions."""
+    buf = io.BytesIO()
+    synthetic_dx(5).save_as(buf, enforce_file_format=True)
+    instance = client.upload(buf.getvalue())["ID"]
+    (job,) = client.wait_jobs([instance], timeout=120)
+    assert job["state"] == "done", job
+    card = ModelCard.from_folder(installed / "models" / "limb-fracture-xr")
+    versions = client.get_bytes(f"/instances/{job['result']['sr_instance']}"
+                                "/content/0018-1020").decode().strip("\0 ")
+    assert versions.split("\\") == [__version__, card.version]
+
+
+def test_an_orthanc_configured_by_hand_loads_the_installed_script(venv, tmp_path):
+    installed = next((venv / "lib").glob("python3.*/site-packages")) / "orthanc_ai"
+    config, http_port = _hand_config(installed, tmp_path / "data")
+    (tmp_path / "orthanc.json").write_text(json.dumps(config))
+    with _orthanc([ORTHANC, str(tmp_path / "orthanc.json")], http_port, tmp_path) as client:
+        assert _worker_python(client) == str(venv / "bin" / "python")
+
+
+def test_the_docker_image_layout_on_orthanc_1_13(wheel, tmp_path):
+    """What orthanc/Dockerfile does, on the forky root that holds the image's
+    Orthanc 1.13.0, Python plugin 7.1 and Python 3.14: a venv made with that
+    python3, the wheel installed into it, the installed entry.py as PythonScript,
+    no `serve`, the models on a model server (no TensorFlow for 3.14)."""
+    assert current_orthanc.is_current(), "no forky root: run `make current-orthanc`"
+    v = tmp_path / "venv"  # under /tmp, which the root sees at the same path
+
+    def in_root(*argv: str) -> list[str]:
+        return current_orthanc.command(list(argv), [tmp_path])
+
+    _run(in_root("/usr/bin/python3", "-m", "venv", str(v)))
+    purelib = v / "lib" / f"python{current_orthanc.python_minor()}" / "site-packages"
+    _run(in_root(str(v / "bin" / "pip"), "install", "-q", "--no-deps", "--no-index", str(wheel)))
+    # The dependencies: the root's own venv, built for 3.14 from our lock.
+    (purelib / "orthanc-ai-test-deps.pth").write_text(current_orthanc.site_packages() + "\n")
+    _run(in_root(str(v / "bin" / "pip"), "check"))
+    out = _run(in_root(str(v / "bin" / "orthanc-ai"), "--version")).stdout
+    assert out.strip() == f"orthanc-ai {__version__}"
+
+    installed = purelib / "orthanc_ai"
+    url, model_server = start_model_server(installed / "models", tmp_path / "model-server.log")
+    try:
+        config, http_port = _hand_config(installed, tmp_path / "data", Backend="http",
+                                         ModelServerUrl=url)
+        assert use_capabilities(config, current_orthanc.package_versions()) == [
+            "HttpBindAddresses 127.0.0.1", "Python.AllowThreads"]
+        (tmp_path / "orthanc.json").write_text(json.dumps(config))
+        with _orthanc(in_root("/usr/sbin/Orthanc", str(tmp_path / "orthanc.json")), http_port,
+                      tmp_path) as client:
+            assert _worker_python(client) == str(v / "bin" / "python")
+            _analyse(client, installed)
+    finally:
+        model_server.terminate()
+        model_server.wait(30)
