@@ -19,7 +19,7 @@ $(DEB_STAMP): scripts/install-debian.sh
 
 # The venv must use Debian's python3.11: orthanc-python embeds that
 # interpreter and loads our packages from this site-packages folder.
-$(STAMP): requirements.lock pyproject.toml $(DEB_STAMP)
+$(STAMP): requirements.lock pyproject.toml setup.py $(DEB_STAMP)
 	test -x $(PY) || $(SYSTEM_PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .

@@ -29,7 +29,8 @@ class BuildWithData(build_py):
             source, target = HERE / name, into / name
             target.parent.mkdir(parents=True, exist_ok=True)
             if source.is_dir():
-                shutil.copytree(source, target, dirs_exist_ok=True,
+                shutil.rmtree(target, ignore_errors=True)  # nothing left from a former build
+                shutil.copytree(source, target,
                                 ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
             else:
                 shutil.copy2(source, target)

@@ -82,21 +82,24 @@ def _version(text: str | None) -> tuple[int, ...]:
 
 
 def orthanc_versions(root: Path | None = None, binary: str = ORTHANC) -> dict[str, str]:
-    """The Orthanc packages of this machine (or of a root), from dpkg; an Orthanc
-    not installed by dpkg gives its version on `Orthanc --version`."""
+    """What `serve` will run: in a root (the forky one), its dpkg packages; here,
+    Orthanc's version from the binary it starts (which dpkg may not have
+    installed), the plugins' from dpkg (serve loads them from PLUGIN_DIR)."""
     from engine.current_orthanc import package_versions
 
     try:
         versions = package_versions(root or Path("/"))
     except OSError:
         versions = {}
-    if "orthanc" not in versions and root is None:
+    if root is None:
+        versions.pop("orthanc", None)
         try:
             out = subprocess.run([binary, "--version"], capture_output=True, text=True,
                                  timeout=30).stdout.split()
-            versions["orthanc"] = out[1] if len(out) > 1 else ""
         except (OSError, subprocess.SubprocessError):
-            pass
+            out = []
+        if len(out) > 1 and _version(out[1]):
+            versions["orthanc"] = out[1]
     return versions
 
 
@@ -110,9 +113,10 @@ def use_capabilities(config: dict[str, Any], versions: dict[str, str]) -> list[s
             config[setting] = ["127.0.0.1"]
             used.append("HttpBindAddresses 127.0.0.1")
         elif setting == "Python.AllowThreads":
-            python = config.setdefault("Python", {})
+            python = dict(config.get("Python") or {})
             if "AllowThreads" not in python:
                 python["AllowThreads"] = True
+                config["Python"] = python
                 used.append("Python.AllowThreads")
     return used
 

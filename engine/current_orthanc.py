@@ -84,13 +84,16 @@ def is_current(root: Path = ROOT) -> bool:
 
 
 def package_versions(root: Path = ROOT) -> dict[str, str]:
-    """Installed versions of the Orthanc packages, from the root's dpkg status."""
-    versions, name = {}, None
-    for line in (root / "var/lib/dpkg/status").read_text(encoding="utf-8").splitlines():
-        if line.startswith("Package: "):
-            name = line.split(": ", 1)[1]
-        elif line.startswith("Version: ") and name and name.startswith(("orthanc", "python3")):
-            versions[name] = line.split(": ", 1)[1]
+    """Installed versions of the Orthanc packages, from the root's dpkg status
+    (removed packages whose configuration stays are not installed)."""
+    versions = {}
+    for stanza in (root / "var/lib/dpkg/status").read_text(encoding="utf-8").split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in stanza.splitlines() if ": " in line
+                      and not line.startswith(" "))
+        name = fields.get("Package", "")
+        if name.startswith(("orthanc", "python3")) and "Version" in fields and \
+                fields.get("Status", "").endswith(" installed"):
+            versions[name] = fields["Version"]
     return versions
 
 

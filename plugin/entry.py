@@ -14,7 +14,7 @@ import sys
 # Orthanc's log instead of a bare "Segmentation fault".
 faulthandler.enable(all_threads=True)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.realpath(__file__))  # a PythonScript may be a link
 ROOT = os.path.dirname(HERE)
 
 # Our own folder on sys.path would let plugin/*.py shadow top-level modules.

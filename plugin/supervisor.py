@@ -44,7 +44,13 @@ def venv_python(site_packages: str | None) -> Path:
         candidate = Path(site_packages).resolve().parents[2] / "bin" / "python"
         if candidate.exists():
             return candidate
-    return PROJECT_ROOT / ".venv" / "bin" / "python"
+    fallback = PROJECT_ROOT / ".venv" / "bin" / "python"
+    if not fallback.exists():
+        raise FileNotFoundError(
+            f"orthanc-ai: no venv python for the workers (looked beside {site_packages or '-'} "
+            f"and at {fallback}): install orthanc-ai into a venv, or set "
+            "ORTHANC_AI_SITE_PACKAGES to that venv's site-packages")
+    return fallback
 
 
 @dataclass

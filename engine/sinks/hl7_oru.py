@@ -45,6 +45,7 @@ from hl7.mllp import InvalidBlockError, open_hl7_connection
 from pydicom.dataset import Dataset
 
 from inference.errors import BadInput, SkipInput, TransientError
+from inference.report import MANUFACTURER
 
 from ..deliveries import hl7_control_id, hl7_destination_of, hl7_key
 from ..source import InstanceGone
@@ -260,10 +261,13 @@ def sr_content(sr: Dataset) -> SrContent:
     if not content.algorithm_name:  # an SR without TID 4019: the device observer's model
         content.algorithm_name = device_model or str(sr.get("ManufacturerModelName", ""))
     if not content.algorithm_version:
-        # VM 1-n: ours write [product version, model version]; the model's is last
+        # VM 1-n. Ours write [product version, model version]: the model's is last.
+        # Another vendor's order is its own: all of them, as written.
         versions = sr.get("SoftwareVersions", "") or ""
         if not isinstance(versions, str):
-            versions = versions[-1] if len(versions) else ""
+            versions = [str(v) for v in versions]
+            ours = str(sr.get("Manufacturer", "")) == MANUFACTURER
+            versions = ", ".join(versions[-1:] if ours else versions)
         content.algorithm_version = str(versions)
     if not content.findings:
         raise BadInput("the SR holds no measurement group to report")

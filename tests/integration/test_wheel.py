@@ -27,7 +27,7 @@ import pytest
 import requests
 
 from engine import current_orthanc
-from engine.cli import ORTHANC, orthanc_config, use_capabilities
+from engine.cli import ORTHANC, orthanc_config
 from engine.config import PROJECT_ROOT, load_orthanc_json
 from engine.demo import free_port
 from inference.card import ModelCard
@@ -125,12 +125,11 @@ def test_serves_and_reports_from_the_wheel(venv, tmp_path):
         _analyse(server, installed)
 
 
-def _hand_config(installed: Path, data: Path, **ai) -> tuple[dict, int]:
-    """Orthanc's configuration as an admin writes it: the installed script named,
-    the AI section pointing into the installed package."""
+def _hand_config(base: dict, installed: Path, data: Path, **ai) -> tuple[dict, int]:
+    """Orthanc's configuration as an admin writes it: ``base`` with ports, storage
+    and plugins, the installed script named, the models of the installed package."""
     http_port = free_port()
-    config = orthanc_config(load_orthanc_json(installed / "orthanc.json"), data, http_port,
-                            free_port())
+    config = orthanc_config(base, data, http_port, free_port())
     config["PythonScript"] = str(installed / "plugin" / "entry.py")
     config["AI"] = {**config.get("AI", {}), "ModelsDirectory": str(installed / "models"),
                     "OhifDirectory": "", **ai}
@@ -149,7 +148,7 @@ def _orthanc(argv: list[str], http_port: int, tmp_path: Path):
     client = OrthancAI(tmp_path)  # not started: its HTTP helpers, on our port
     client.http_port, client.url = http_port, f"http://127.0.0.1:{http_port}"
     try:
-        deadline, models = time.time() + 120, {}
+        deadline, models = time.time() + 180, {}
         while time.time() < deadline and proc.poll() is None and not models.get("ready"):
             time.sleep(0.5)
             try:
@@ -161,7 +160,11 @@ def _orthanc(argv: list[str], http_port: int, tmp_path: Path):
         yield client
     finally:
         proc.terminate()
-        proc.wait(60)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _worker_python(client: OrthancAI) -> str:
@@ -184,7 +187,8 @@ def _analyse(client: OrthancAI, installed: Path) -> None:
 
 def test_an_orthanc_configured_by_hand_loads_the_installed_script(venv, tmp_path):
     installed = next((venv / "lib").glob("python3.*/site-packages")) / "orthanc_ai"
-    config, http_port = _hand_config(installed, tmp_path / "data")
+    config, http_port = _hand_config(load_orthanc_json(installed / "orthanc.json"), installed,
+                                     tmp_path / "data")
     (tmp_path / "orthanc.json").write_text(json.dumps(config))
     with _orthanc([ORTHANC, str(tmp_path / "orthanc.json")], http_port, tmp_path) as client:
         assert _worker_python(client) == str(venv / "bin" / "python")
@@ -193,8 +197,9 @@ def test_an_orthanc_configured_by_hand_loads_the_installed_script(venv, tmp_path
 def test_the_docker_image_layout_on_orthanc_1_13(wheel, tmp_path):
     """What orthanc/Dockerfile does, on the forky root that holds the image's
     Orthanc 1.13.0, Python plugin 7.1 and Python 3.14: a venv made with that
-    python3, the wheel installed into it, the installed entry.py as PythonScript,
-    no `serve`, the models on a model server (no TensorFlow for 3.14)."""
+    python3, the wheel installed into it, Orthanc configured with the image's
+    orthanc/docker-orthanc-ai.json (its paths and the model server's address
+    made local), no `serve`, the models on a model server (no TensorFlow for 3.14)."""
     assert current_orthanc.is_current(), "no forky root: run `make current-orthanc`"
     v = tmp_path / "venv"  # under /tmp, which the root sees at the same path
 
@@ -213,10 +218,14 @@ def test_the_docker_image_layout_on_orthanc_1_13(wheel, tmp_path):
     installed = purelib / "orthanc_ai"
     url, model_server = start_model_server(installed / "models", tmp_path / "model-server.log")
     try:
-        config, http_port = _hand_config(installed, tmp_path / "data", Backend="http",
-                                         ModelServerUrl=url)
-        assert use_capabilities(config, current_orthanc.package_versions()) == [
-            "HttpBindAddresses 127.0.0.1", "Python.AllowThreads"]
+        image = load_orthanc_json(PROJECT_ROOT / "orthanc" / "docker-orthanc-ai.json")
+        assert image["PythonScript"] == \
+            f"/opt/orthanc-ai/.venv/lib/python{current_orthanc.python_minor()}" \
+            "/site-packages/orthanc_ai/plugin/entry.py"  # where this test installed it, here
+        config, http_port = _hand_config(
+            image, installed, tmp_path / "data", ModelServerUrl=url,
+            QueueDatabase=str(tmp_path / "data" / "jobs.sqlite"))
+        assert config["AI"]["Backend"] == "http"
         (tmp_path / "orthanc.json").write_text(json.dumps(config))
         with _orthanc(in_root("/usr/sbin/Orthanc", str(tmp_path / "orthanc.json")), http_port,
                       tmp_path) as client:

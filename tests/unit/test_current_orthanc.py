@@ -20,8 +20,9 @@ def fake_root(tmp_path: Path) -> Path:
     (root / "var/lib/dpkg").mkdir(parents=True)
     (root / "var/lib/dpkg/status").write_text(
         "Package: orthanc\nStatus: install ok installed\nVersion: 1.13.0+dfsg-1+b1\n\n"
-        "Package: libc6\nVersion: 2.42-1\n\n"
-        "Package: orthanc-python\nVersion: 7.1+ds-1+b2\n")
+        "Package: libc6\nStatus: install ok installed\nVersion: 2.42-1\n\n"
+        "Package: orthanc-python\nStatus: install ok installed\nVersion: 7.1+ds-1+b2\n\n"
+        "Package: orthanc-gdcm\nStatus: deinstall ok config-files\nVersion: 1.7-1\n")
     return root
 
 

@@ -228,6 +228,8 @@ def test_without_tid_4019_the_version_is_the_model_s_of_software_versions(card):
     assert content.algorithm_version == "0.0.1"
     sr.SoftwareVersions = "3.1"  # single-valued, as most vendors write it
     assert hl7_oru.sr_content(sr).algorithm_version == "3.1"
+    sr.Manufacturer, sr.SoftwareVersions = "Other", ["VA20", "2.4"]  # their order, not ours
+    assert hl7_oru.sr_content(sr).algorithm_version == "VA20, 2.4"
 
 
 def test_the_control_id_is_derived_from_the_sr(card):
