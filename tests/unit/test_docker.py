@@ -150,6 +150,7 @@ def test_the_copied_sources_build_the_wheel(dockerfile: Path, tmp_path: Path) ->
                    "orthanc_ai/engine/worker.py", "orthanc_ai/inference/server.py",
                    "orthanc_ai/orthanc/explorer.js", "orthanc_ai/orthanc.json"):
         assert needed in names, needed
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)  # the GPL's text
     assert "pip install --no-cache-dir -c /tmp/orthanc-ai/requirements.lock /tmp/orthanc-ai" \
         in dockerfile.read_text()
 
