@@ -63,10 +63,10 @@ def orthanc_config(base: dict[str, Any], data: Path, http_port: int, dicom_port:
 
 
 # What an Orthanc newer than Debian 12's 1.10.1 / orthanc-python 4.0 lets `serve`
-# switch on: (package, first version, setting). The user's configuration wins.
+# switch on: (package, first version, setting, value). The user's configuration wins.
 CAPABILITIES = (
-    ("orthanc", (1, 12, 10), "HttpBindAddresses"),  # the HTTP server on loopback only
-    ("orthanc-python", (4, 3), "Python.AllowThreads"),  # the GIL released in SDK calls
+    ("orthanc", (1, 12, 10), "HttpBindAddresses", ["127.0.0.1"]),  # HTTP on loopback only
+    ("orthanc-python", (4, 3), "Python.AllowThreads", True),  # the GIL released in SDK calls
 )
 
 
@@ -106,18 +106,15 @@ def orthanc_versions(root: Path | None = None, binary: str = ORTHANC) -> dict[st
 def use_capabilities(config: dict[str, Any], versions: dict[str, str]) -> list[str]:
     """Switch on in ``config`` what these versions offer (unless it is set); what was."""
     used = []
-    for package, first, setting in CAPABILITIES:
-        if _version(versions.get(package)) < first:
+    for package, first, setting, value in CAPABILITIES:
+        section, _, key = setting.rpartition(".")
+        target = dict(config.get(section) or {}) if section else config
+        if _version(versions.get(package)) < first or key in target:
             continue
-        if setting == "HttpBindAddresses" and setting not in config:
-            config[setting] = ["127.0.0.1"]
-            used.append("HttpBindAddresses 127.0.0.1")
-        elif setting == "Python.AllowThreads":
-            python = dict(config.get("Python") or {})
-            if "AllowThreads" not in python:
-                python["AllowThreads"] = True
-                config["Python"] = python
-                used.append("Python.AllowThreads")
+        target[key] = value
+        if section:
+            config[section] = target  # a copy: the user's own dict stays as it was
+        used.append(f"{setting} {json.dumps(value)}")
     return used
 
 
